@@ -1,0 +1,33 @@
+"""ViT Lens model package: our Vision Transformer, its configs and checkpoint loading."""
+
+from .config import PRETRAINED, Preprocessing, PretrainedSource, ViTConfig
+from .device import available_devices, resolve_device, resolve_dtype
+from .errors import CheckpointError, DownloadError, IncompatibleCheckpointError, ViTLensError
+from .pos_embed import resample_grid, resample_pos_embed
+from .preprocess import PreparedImage, load_image, prepare_image
+from .vit import VisionTransformer, ViTOutput, attention_memory_bytes
+from .weights import LoadedModel, load_checkpoint
+
+__all__ = [
+    "PRETRAINED",
+    "CheckpointError",
+    "DownloadError",
+    "IncompatibleCheckpointError",
+    "LoadedModel",
+    "PreparedImage",
+    "Preprocessing",
+    "PretrainedSource",
+    "ViTConfig",
+    "ViTLensError",
+    "ViTOutput",
+    "VisionTransformer",
+    "attention_memory_bytes",
+    "available_devices",
+    "load_checkpoint",
+    "load_image",
+    "prepare_image",
+    "resample_grid",
+    "resample_pos_embed",
+    "resolve_device",
+    "resolve_dtype",
+]

@@ -1,0 +1,153 @@
+"""bytes -> RGB image -> the tensor the model sees, keeping the geometry to map results back."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import Preprocessing
+from .errors import ViTLensError
+
+# Raster formats we decode; everything else (SVG, PDF, EPS, ...) is refused before decoding.
+ALLOWED_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "TIFF", "GIF")
+MAX_PIXELS = 50_000_000  # about 8660 x 5773; decompression bombs claim far more
+MAX_BYTES = 50 * 1024 * 1024
+RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+class ImageError(ViTLensError):
+    """An upload is not an image we can read."""
+
+
+def load_image(data: bytes | str | Path, *, name: str = "image") -> Image.Image:
+    """Decode bytes or a file into an RGB PIL image: first frame, EXIF orientation applied,
+    transparency composited on white, 16-bit and CMYK converted. Raises ImageError."""
+    if isinstance(data, (str, Path)):
+        p = Path(data)
+        name = p.name
+        try:
+            if p.stat().st_size > MAX_BYTES:
+                raise ImageError(f"{name} is larger than {MAX_BYTES // 2**20} MB")
+            data = p.read_bytes()
+        except OSError as e:
+            raise ImageError(f"cannot read {name}: {e.strerror or e}") from None
+    if not data:
+        raise ImageError(f"{name} is empty (0 bytes)")
+    if len(data) > MAX_BYTES:
+        raise ImageError(f"{name} is larger than {MAX_BYTES // 2**20} MB")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise ImageError(f"{name} is {w} x {h} pixels; the limit is {MAX_PIXELS // 1_000_000} megapixels")
+            if w < 1 or h < 1:
+                raise ImageError(f"{name} has no pixels")
+            img.seek(0)
+            img = ImageOps.exif_transpose(img) or img
+            img.load()
+            return _to_rgb(img)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"{name} is not an image we can read (supported: PNG, JPEG, WebP, BMP, TIFF, GIF)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{name} claims too many pixels (a decompression bomb?)") from None
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
+        raise ImageError(
+            f"{name} is damaged or truncated: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        arr = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
+    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """The model input and how it was cut from the original.
+
+    pixels: (3, H, W) float32, normalized. view: (H, W, 3) uint8, what the model sees.
+    original_size and resized_size are (W, H); crop_box is (left, top, right, bottom) in the
+    resized image.
+    """
+
+    pixels: torch.Tensor
+    view: np.ndarray
+    original_size: tuple[int, int]
+    resized_size: tuple[int, int]
+    crop_box: tuple[int, int, int, int]
+
+    def to_original(self, x: float, y: float) -> tuple[float, float]:
+        """A point in model-input pixels -> the same point in the original image."""
+        sx = self.original_size[0] / self.resized_size[0]
+        sy = self.original_size[1] / self.resized_size[1]
+        return ((x + self.crop_box[0]) * sx, (y + self.crop_box[1]) * sy)
+
+
+def prepare_image(img: Image.Image, pre: Preprocessing) -> PreparedImage:
+    H, W = pre.input_size
+    w0, h0 = img.size
+    if pre.mode == "squash":
+        resized = img.resize((W, H), RESAMPLE[pre.interpolation])
+        box = (0, 0, W, H)
+    else:
+        # Resize so that the image covers the scaled crop, keeping aspect (timm's shorter-side
+        # resize for square inputs), then center-crop.
+        sh, sw = int(H / pre.crop_pct), int(W / pre.crop_pct)
+        if sh == sw:
+            short, long_ = (w0, h0) if w0 <= h0 else (h0, w0)
+            new_long = max(sw, int(sw * long_ / short))
+            size = (sw, new_long) if w0 <= h0 else (new_long, sw)
+        else:
+            scale = max(sw / w0, sh / h0)
+            size = (max(sw, round(w0 * scale)), max(sh, round(h0 * scale)))
+        resized = img.resize(size, RESAMPLE[pre.interpolation]) if size != (w0, h0) else img
+        left = int(round((size[0] - W) / 2.0))
+        top = int(round((size[1] - H) / 2.0))
+        box = (left, top, left + W, top + H)
+        resized_crop = resized.crop(box)
+        view = np.asarray(resized_crop, dtype=np.uint8)
+        return _finish(view, pre, (w0, h0), size, box)
+    view = np.asarray(resized, dtype=np.uint8)
+    return _finish(view, pre, (w0, h0), (W, H), box)
+
+
+def _finish(view: np.ndarray, pre: Preprocessing, orig, resized, box) -> PreparedImage:
+    x = torch.from_numpy(view.astype(np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
+    mean = torch.tensor(pre.mean).view(3, 1, 1)
+    std = torch.tensor(pre.std).view(3, 1, 1)
+    return PreparedImage(
+        pixels=(x - mean) / std,
+        view=np.ascontiguousarray(view),
+        original_size=tuple(orig),
+        resized_size=tuple(resized),
+        crop_box=tuple(box),
+    )

@@ -1,0 +1,279 @@
+"""A Vision Transformer (Dosovitskiy et al., ICLR 2021) that returns its attention probabilities.
+
+Attention is computed explicitly as softmax(q k^T / sqrt(D)) and handed back as a value: no hooks,
+no module state written during forward, so one model object can serve many threads at once.
+Parameter names follow timm (patch_embed.proj, cls_token, pos_embed, blocks.i.attn.qkv, ...).
+
+Dims: B batch, L layers, H heads, T tokens, P prefix tokens, N patches, D head dim,
+C channels (embed dim), (gh, gw) patch grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ViTConfig
+
+
+@dataclass
+class ViTOutput:
+    """What one forward pass returns.
+
+    logits: (B, num_classes) or None for models without a classifier.
+    features: (B, F) pooled representation (after pre-logits where the model has one).
+    embeds: (B, projection_dim) CLIP image embeddings, or None.
+    attentions: tuple of L tensors (B, H, T, T), post-softmax, rows sum to 1; None if not asked.
+    token_norms: (B, L + 1, T) L2 norm of every token of the residual stream after the
+        embedding and after each block; None if not asked.
+    """
+
+    logits: Tensor | None
+    features: Tensor
+    embeds: Tensor | None = None
+    attentions: tuple[Tensor, ...] | None = None
+    token_norms: Tensor | None = None
+
+
+def quick_gelu(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+def _activation(name: str):
+    if name == "gelu":
+        return F.gelu
+    if name == "gelu_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "quick_gelu":
+        return quick_gelu
+    raise ValueError(f"unknown activation {name!r}")
+
+
+class PatchEmbed(nn.Module):
+    """Cut the image into p x p patches and project each linearly (a strided convolution)."""
+
+    def __init__(self, *, patch_size: int, in_chans: int, embed_dim: int, bias: bool) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.proj(x)  # (B, C, gh, gw)
+        return x.flatten(2).transpose(1, 2)  # (B, N, C), row-major patch order
+
+
+class Attention(nn.Module):
+    def __init__(self, *, dim: int, num_heads: int, qkv_bias: bool) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x: (B, T, C) -> (output (B, T, C), attention probabilities (B, H, T, T))."""
+        B, T, C = x.shape
+        H = self.num_heads
+        qkv = self.qkv(x).view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
+        q, k, v = qkv.unbind(0)  # each (B, H, T, D)
+        scores = torch.matmul(q * self.scale, k.transpose(-2, -1))  # (B, H, T, T)
+        attn = scores.softmax(dim=-1)
+        out = torch.matmul(attn, v)  # (B, H, T, D)
+        out = out.transpose(1, 2).reshape(B, T, C)
+        return self.proj(out), attn
+
+
+class Mlp(nn.Module):
+    def __init__(self, *, dim: int, hidden: int, act: str) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.act = _activation(act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-norm encoder block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        dim, eps = config.embed_dim, config.norm_eps
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim=dim, num_heads=config.num_heads, qkv_bias=config.qkv_bias)
+        self.ls1 = LayerScale(dim) if config.layer_scale else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim=dim, hidden=config.mlp_dim, act=config.act)
+        self.ls2 = LayerScale(dim) if config.layer_scale else nn.Identity()
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        y, attn = self.attn(self.norm1(x))
+        x = x + self.ls1(y)
+        x = x + self.ls2(self.mlp(self.norm2(x)))
+        return x, attn
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        dim = c.embed_dim
+        self.patch_embed = PatchEmbed(patch_size=c.patch_size, in_chans=c.in_chans, embed_dim=dim, bias=c.patch_bias)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if c.class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, dim)) if c.distill_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, c.num_registers, dim)) if c.num_registers else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, c.pos_embed_prefix + c.num_patches, dim))
+        self.norm_pre = nn.LayerNorm(dim, eps=c.norm_eps) if c.pre_norm else nn.Identity()
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.depth))
+        self.norm = nn.Identity() if c.fc_norm else nn.LayerNorm(dim, eps=c.norm_eps)
+        pooled_dim = dim * (2 if c.global_pool == "token_avg" else 1)
+        self.fc_norm = nn.LayerNorm(pooled_dim, eps=c.norm_eps) if c.fc_norm else nn.Identity()
+        self.pre_logits = nn.Linear(pooled_dim, c.representation_size) if c.representation_size else None
+        feat = c.feature_dim
+        self.head = nn.Linear(feat, c.num_classes) if c.num_classes else None
+        self.head_dist = nn.Linear(feat, c.num_classes) if c.distilled_head and c.num_classes else None
+        self.proj = nn.Linear(feat, c.projection_dim, bias=False) if c.projection_dim else None
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Truncated-normal init (std 0.02) as in timm/big_vision; zeros for biases."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(1.0 if self.config.layer_scale else 0.0)
+            elif p.ndim == 1 and ("norm" in name):
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                t = torch.empty(p.shape).normal_(0.0, 0.02, generator=gen).clamp_(-0.04, 0.04)
+                p.copy_(t)
+
+    def embed(self, pixels: Tensor) -> Tensor:
+        """pixels (B, 3, H, W), normalized -> tokens (B, T, C) in [prefix, patches] order."""
+        c = self.config
+        B, _, Hh, Ww = pixels.shape
+        if (Hh, Ww) != c.image_size:
+            raise ValueError(
+                f"input is {Hh}x{Ww} but the model is configured for "
+                f"{c.image_size[0]}x{c.image_size[1]}; resample the position embeddings "
+                "(load_checkpoint(..., image_size=...)) to run at another size"
+            )
+        x = self.patch_embed(pixels)  # (B, N, C)
+        prefix = [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
+        k = c.pos_embed_prefix
+        x = x + self.pos_embed[:, k:]
+        if prefix:
+            pre = torch.cat(prefix, dim=1)  # (1, P, C)
+            if k:
+                pre = torch.cat([pre[:, :k] + self.pos_embed[:, :k], pre[:, k:]], dim=1)
+            x = torch.cat([pre.expand(B, -1, -1).to(x.dtype), x], dim=1)  # (B, T, C)
+        return self.norm_pre(x)
+
+    def pool(self, x: Tensor) -> Tensor:
+        """Final tokens (B, T, C) -> pooled (B, C) or (B, 2C) for token_avg."""
+        c = self.config
+        P = c.num_prefix_tokens
+        if c.global_pool == "avg":
+            pooled = x[:, P:].mean(dim=1)
+        elif c.global_pool == "token_avg":
+            pooled = torch.cat([x[:, 0], x[:, P:].mean(dim=1)], dim=-1)
+        else:
+            pooled = x[:, 0]
+        return self.fc_norm(pooled)
+
+    def forward(
+        self,
+        pixels: Tensor,
+        *,
+        output_attentions: bool = True,
+        output_token_norms: bool = False,
+    ) -> ViTOutput:
+        """pixels: (B, 3, H, W) normalized. Attentions stay in the autograd graph when grad is on."""
+        x = self.embed(pixels)
+        attentions = []
+        norms = [x.norm(dim=-1)] if output_token_norms else None
+        for block in self.blocks:
+            x, attn = block(x)
+            if output_attentions:
+                attentions.append(attn)
+            if norms is not None:
+                norms.append(x.norm(dim=-1))
+        x = self.norm(x)
+        feats = self.pool(x)
+        if self.pre_logits is not None:
+            feats = torch.tanh(self.pre_logits(feats))
+        logits = None
+        if self.head is not None:
+            if self.head_dist is not None:
+                # Distilled DeiT: class-token and distillation-token heads, averaged at inference.
+                logits = (self.head(feats) + self.head_dist(x[:, 1])) / 2
+            else:
+                logits = self.head(feats)
+        embeds = self.proj(feats) if self.proj is not None else None
+        return ViTOutput(
+            logits=logits,
+            features=feats,
+            embeds=embeds,
+            attentions=tuple(attentions) if output_attentions else None,
+            token_norms=torch.stack(norms, dim=1) if norms is not None else None,
+        )
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_image(self) -> float:
+        """Multiply-adds x 2 of one forward pass (matmuls only)."""
+        c = self.config
+        T, C, M = c.num_tokens, c.embed_dim, c.mlp_dim
+        per_block = 2 * T * (3 * C * C + C * C + 2 * C * M) + 2 * 2 * T * T * C
+        patch = 2 * c.num_patches * C * c.in_chans * c.patch_size**2
+        return float(c.depth * per_block + patch)
+
+
+def attention_memory_bytes(config: ViTConfig, *, batch: int = 1, bytes_per_value: int = 4) -> int:
+    """Bytes needed to keep every attention map: B * L * H * T^2 values."""
+    return batch * config.depth * config.num_heads * config.num_tokens**2 * bytes_per_value
+
+
+def _sincos_1d(dim: int, pos: Tensor, temperature: float) -> Tensor:
+    omega = 1.0 / temperature ** (torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
+    out = pos.double()[:, None] * omega[None]
+    return torch.cat([out.sin(), out.cos()], dim=1)
+
+
+def sincos_2d_pos_embed(dim: int, grid: tuple[int, int], temperature: float = 10000.0) -> Tensor:
+    """Fixed 2-D sin-cos position embedding (MoCo v3 / big_vision style), shape (N, dim)."""
+    if dim % 4:
+        raise ValueError(f"sin-cos embedding needs dim divisible by 4, got {dim}")
+    gh, gw = grid
+    yy, xx = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    emb_y = _sincos_1d(dim // 2, yy.flatten(), temperature)
+    emb_x = _sincos_1d(dim // 2, xx.flatten(), temperature)
+    return torch.cat([emb_x, emb_y], dim=1).float()
+
+
+__all__ = [
+    "Attention",
+    "Block",
+    "Mlp",
+    "PatchEmbed",
+    "ViTOutput",
+    "VisionTransformer",
+    "attention_memory_bytes",
+    "sincos_2d_pos_embed",
+]

@@ -1,0 +1,249 @@
+"""load_checkpoint: any supported source -> a ready model with its config, preprocessing and labels."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..config import PRETRAINED, Preprocessing, ViTConfig
+from ..device import resolve_device, resolve_dtype
+from ..errors import CheckpointError, IncompatibleCheckpointError
+from ..pos_embed import resample_pos_embed
+from ..vit import VisionTransformer
+from . import convert
+from .configs import DEFAULT_PREPROCESSING, Hints, hf_hints, hf_preprocessing, read_json, timm_hints
+from .hub import download_repo, parse_hub_id
+from .infer import infer_config
+from .readers import read_weights_file
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+DEMO_DIR = ASSETS / "demo"
+IMAGENET_CLASSES = ASSETS / "imagenet1k_classes.txt"
+WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors")
+WEIGHT_SUFFIXES = (".safetensors", ".npz", ".pth", ".pt", ".bin")
+VITLENS_FORMAT = "vit-lens"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference (eval mode, parameters frozen) and everything that travels with it."""
+
+    model: VisionTransformer
+    config: ViTConfig
+    preprocessing: Preprocessing
+    labels: list[str] | None
+    family: str
+    source: str
+    format: str
+    name: str
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.pos_embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.pos_embed.dtype
+
+
+def load_checkpoint(
+    source: str | Path,
+    *,
+    image_size: int | tuple[int, int] | None = None,
+    pos_resample: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "fp32",
+    overrides: dict | None = None,
+    cache_dir: str | Path | None = None,
+    endpoint: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> LoadedModel:
+    """Load a ViT from any supported source.
+
+    source: "demo"; a key of model.PRETRAINED; a Google/AugReg .npz; a timm .pth/.bin/.safetensors
+        (config.json beside it is used when present); a transformers folder; a folder written by
+        ViT Lens; or a hub id ("hf-hub:timm/...", "google/vit-base-patch16-224"), downloaded only here.
+    image_size: run at another resolution; position embeddings are resampled with pos_resample
+        (default: bicubic with antialias as in timm, or the family's own method).
+    overrides: ViTConfig fields to force where shapes cannot tell (e.g. {"num_heads": 16}).
+    """
+    src = str(source)
+    name = src
+    if src == "demo":
+        if not (DEMO_DIR / "config.json").is_file():
+            raise CheckpointError("the embedded demo model is not installed (assets/demo/ is missing)")
+        src = str(DEMO_DIR)
+    elif src in PRETRAINED:
+        name = PRETRAINED[src].title
+        src = PRETRAINED[src].source
+    path = Path(src).expanduser()
+    if path.exists():
+        tensors, hints, fmt = _read_local(path)
+    elif src.startswith("hf-hub:") or (parse_hub_id(src) and not src.startswith((".", "/", "~"))):
+        repo = parse_hub_id(src)
+        if repo is None:
+            raise CheckpointError(f"{src!r} is not a valid hub id (expected org/name)")
+        folder = download_repo(repo, cache_dir=cache_dir, endpoint=endpoint, progress=progress)
+        tensors, hints, fmt = _read_local(folder)
+    else:
+        raise CheckpointError(f"no such file or folder, and not a hub id: {src}")
+    if progress:
+        progress("building the model")
+    return _build(
+        tensors,
+        hints,
+        fmt=fmt,
+        source=str(source),
+        name=name,
+        image_size=image_size,
+        pos_resample=pos_resample,
+        overrides=overrides or {},
+        device=device,
+        dtype=dtype,
+    )
+
+
+def _read_local(path: Path) -> tuple[dict[str, Tensor], Hints, str]:
+    """-> (tensors in source names, hints from config files, detected format)."""
+    if path.is_dir():
+        weights = next((path / n for n in WEIGHT_NAMES if (path / n).is_file()), None)
+        if weights is None:
+            found = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+            if len(found) != 1:
+                raise CheckpointError(
+                    f"{path.name}/: expected one weights file ({', '.join(WEIGHT_NAMES)} or *.npz/*.pth), "
+                    f"found {len(found)}"
+                )
+            weights = found[0]
+        cfg_dir = path
+    else:
+        weights, cfg_dir = path, path.parent
+    tensors = read_weights_file(weights)
+    fmt = convert.detect_format(tensors)
+    hints = Hints()
+    cfg_path = cfg_dir / "config.json"
+    if cfg_path.is_file() and (path.is_dir() or fmt == "timm"):
+        cfg = read_json(cfg_path)
+        if cfg.get("format") == VITLENS_FORMAT:
+            hints = _vitlens_hints(cfg)
+        elif "model_type" in cfg or "vision_config" in cfg:
+            hints = hf_hints(cfg)
+            pp_path = cfg_dir / "preprocessor_config.json"
+            if pp_path.is_file():
+                hints.preprocessing = hf_preprocessing(read_json(pp_path), pp_path.name)
+                hints.input_size = hints.preprocessing.input_size
+        elif "architecture" in cfg:
+            hints = timm_hints(cfg)
+    if fmt == "google_npz":
+        heads = convert.google_num_heads(tensors)
+        if heads:
+            hints.config.setdefault("num_heads", heads)
+        hints.config.setdefault("act", "gelu_tanh")  # Flax nn.gelu is the tanh approximation
+        hints.family = hints.family or "ViT"
+        hints.pos_resample = hints.pos_resample or "bilinear"
+    return tensors, hints, fmt
+
+
+def _vitlens_hints(cfg: dict) -> Hints:
+    try:
+        conf = dict(cfg["config"])
+        conf["image_size"] = tuple(conf["image_size"])
+        pre = cfg.get("preprocessing")
+        return Hints(
+            config=conf,
+            family=cfg.get("family", "ViT"),
+            labels=cfg.get("labels"),
+            preprocessing=Preprocessing(**pre) if pre else None,
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"ViT Lens config.json is malformed: {e}") from None
+
+
+def _build(
+    tensors: dict[str, Tensor],
+    hints: Hints,
+    *,
+    fmt: str,
+    source: str,
+    name: str,
+    image_size,
+    pos_resample: str | None,
+    overrides: dict,
+    device,
+    dtype,
+) -> LoadedModel:
+    state = convert.to_ours(tensors, fmt)
+    hint_cfg = {**hints.config, **overrides}
+    config, src_grid = infer_config(state, hint_cfg)
+    # The resolution the model runs at: asked for > config file > the checkpoint's own grid.
+    target = image_size or hints.input_size or hint_cfg.get("image_size") or config.image_size
+    try:
+        config = config.with_image_size(target)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    method = pos_resample or hints.pos_resample or "bicubic"
+    state["pos_embed"] = resample_pos_embed(
+        state["pos_embed"], src_grid=src_grid, dst_grid=config.grid, num_prefix=config.pos_embed_prefix, method=method
+    )
+    model = VisionTransformer(config)
+    load_strict(model, state, context=f"{fmt} checkpoint {Path(source).name}")
+    family = hints.family or _guess_family(config)
+    pre = hints.preprocessing or DEFAULT_PREPROCESSING.get(family, DEFAULT_PREPROCESSING["ViT"])
+    pre = replace(pre, input_size=config.image_size)
+    labels = _labels_for(config, hints.labels)
+    dev = resolve_device(device)
+    model = model.to(device=dev, dtype=resolve_dtype(dtype, dev)).eval().requires_grad_(False)
+    return LoadedModel(
+        model=model,
+        config=config,
+        preprocessing=pre,
+        labels=labels,
+        family=family,
+        source=source,
+        format=fmt,
+        name=name,
+    )
+
+
+def load_strict(model: torch.nn.Module, state: dict[str, Tensor], *, context: str = "") -> None:
+    """load_state_dict(strict=True), but a mismatch raises one report of every bad key."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [
+        (k, tuple(state[k].shape), tuple(v.shape))
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or wrong:
+        raise IncompatibleCheckpointError(missing=missing, unexpected=unexpected, wrong_shape=wrong, context=context)
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def _guess_family(config: ViTConfig) -> str:
+    if config.distill_token:
+        return "DeiT"
+    if config.num_registers or config.layer_scale:
+        return "DINOv2"
+    if config.pre_norm:
+        return "CLIP"
+    return "ViT"
+
+
+def _labels_for(config: ViTConfig, labels: list[str] | None) -> list[str] | None:
+    if not config.num_classes:
+        return None
+    if labels is not None:
+        if len(labels) == config.num_classes:
+            return list(labels)
+        log.warning("ignoring %d labels for a %d-class head", len(labels), config.num_classes)
+    if config.num_classes == 1000 and IMAGENET_CLASSES.is_file():
+        return IMAGENET_CLASSES.read_text(encoding="utf-8").splitlines()
+    return None

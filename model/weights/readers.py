@@ -1,0 +1,152 @@
+"""Pure readers: a file path in, a flat dict of tensors out. Nothing in a file is executed."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import CheckpointError
+
+# Dicts that training scripts wrap a state dict in, most preferred first.
+# DINO releases the teacher; EMA weights are what timm evaluates.
+STATE_DICT_WRAPPERS = ("state_dict_ema", "model_ema", "state_dict", "model", "teacher", "module")
+SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_npz(path: str | Path) -> dict[str, Tensor]:
+    """A NumPy .npz (Google/big_vision layout, keys joined with '/'). Object arrays are refused."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            out = {}
+            for k in data.files:
+                arr = data[k]
+                if arr.dtype.kind not in "fiub":
+                    raise CheckpointError(f"{Path(path).name}: array {k!r} has dtype {arr.dtype}, not numeric")
+                out[k] = torch.from_numpy(np.ascontiguousarray(arr))
+            return out
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        if "allow_pickle" in str(e) or "Object arrays" in str(e):
+            raise CheckpointError(
+                f"{Path(path).name} holds pickled Python objects; refusing to load them (they could run code)"
+            ) from None
+        raise CheckpointError(f"{Path(path).name} is not a readable .npz file: {e}") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        raise CheckpointError(f"{Path(path).name} is not a readable .npz file: {e}") from None
+
+
+def read_torch(path: str | Path) -> dict[str, Tensor]:
+    """A PyTorch .pth/.bin, unpickled with weights_only=True (tensors and plain containers only)."""
+    name = Path(path).name
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
+        raise CheckpointError(
+            f"{name} contains Python objects other than tensors; refusing to unpickle it "
+            f"(that could run code). Details: {first}"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError) as e:
+        raise CheckpointError(f"{name} is not a readable PyTorch checkpoint: {_first_line(e)}") from None
+    return _flatten_state_dict(obj, name)
+
+
+def read_safetensors(path: str | Path) -> dict[str, Tensor]:
+    """A .safetensors file; the header is checked against the file size before anything is read."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    _check_safetensors_header(p)
+    try:
+        return dict(load_file(str(p), device="cpu"))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{p.name} is not a readable safetensors file: {_first_line(e)}") from None
+
+
+def _check_safetensors_header(p: Path) -> None:
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{p.name} is too short to be a safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(SAFETENSORS_MAX_HEADER, size - 8):
+            raise CheckpointError(f"{p.name}: safetensors header claims {n} bytes but the file has {size}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{p.name}: safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{p.name}: safetensors header is not a JSON object")
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            end = int(info["data_offsets"][1])
+        except (KeyError, TypeError, IndexError, ValueError):
+            raise CheckpointError(f"{p.name}: safetensors entry {key!r} has no valid data_offsets") from None
+        if 8 + n + end > size:
+            raise CheckpointError(
+                f"{p.name} is truncated: tensor {key!r} ends at byte {8 + n + end} but the file has {size}"
+            )
+
+
+def read_weights_file(path: str | Path) -> dict[str, Tensor]:
+    """Dispatch on content (magic bytes), not on the file name."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"no such checkpoint file: {p}")
+    with open(p, "rb") as f:
+        magic = f.read(8)
+    if not magic:
+        raise CheckpointError(f"{p.name} is empty")
+    if p.suffix == ".npz" or (magic[:2] == b"PK" and _is_npz(p)):
+        return read_npz(p)
+    if p.suffix == ".safetensors" or _looks_like_safetensors(magic):
+        return read_safetensors(p)
+    return read_torch(p)
+
+
+def _is_npz(p: Path) -> bool:
+    try:
+        with zipfile.ZipFile(p) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return bool(names) and all(n.endswith(".npy") for n in names)
+
+
+def _looks_like_safetensors(magic: bytes) -> bool:
+    if len(magic) < 8:
+        return False
+    (n,) = struct.unpack("<Q", magic)
+    return 2 <= n <= SAFETENSORS_MAX_HEADER and magic[:2] != b"PK"
+
+
+def _flatten_state_dict(obj, name: str) -> dict[str, Tensor]:
+    if isinstance(obj, dict):
+        for key in STATE_DICT_WRAPPERS:
+            inner = obj.get(key)
+            if isinstance(inner, dict) and any(isinstance(v, Tensor) for v in inner.values()):
+                obj = inner
+                break
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{name} does not hold a state dict (found {type(obj).__name__})")
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{name} holds no tensors")
+    return tensors
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__

@@ -1,0 +1,104 @@
+"""Hostile checkpoints are refused with one clear error, and nothing in them runs."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from model import CheckpointError, IncompatibleCheckpointError, load_checkpoint
+
+import hf_models
+
+
+class _CreatesFile:
+    """Unpickling this would create a file (builtins.open(path, 'w'))."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("name", ["evil.pth", "pytorch_model.bin", "weights.pt"])
+def test_code_running_pickle_is_refused(tmp_path, name):
+    marker = tmp_path / "pwned.txt"
+    path = tmp_path / name
+    torch.save({"patch_embed.proj.weight": torch.zeros(4, 3, 2, 2), "x": _CreatesFile(marker)}, path)
+    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_legacy_raw_pickle_is_refused(tmp_path):
+    marker = tmp_path / "pwned.txt"
+    path = tmp_path / "old.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"w": _CreatesFile(marker)}, f)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_npz_with_object_arrays_is_refused(tmp_path):
+    path = tmp_path / "obj.npz"
+    np.savez(path, **{"embedding/kernel": np.array([{"a": 1}], dtype=object)})
+    with pytest.raises(CheckpointError, match="pickled Python objects"):
+        load_checkpoint(path)
+
+
+def _good_safetensors(path):
+    save_file({"patch_embed.proj.weight": torch.randn(16, 3, 4, 4), "pos_embed": torch.randn(1, 5, 16)}, str(path))
+
+
+def test_truncated_safetensors(tmp_path):
+    path = tmp_path / "cut.safetensors"
+    _good_safetensors(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(path)
+
+
+def test_safetensors_header_claiming_more_than_the_file(tmp_path):
+    path = tmp_path / "liar.safetensors"
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1 << 20], "data_offsets": [0, 4 << 20]}}).encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 16)
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(path)
+    huge = tmp_path / "huge_header.safetensors"
+    huge.write_bytes((10**12).to_bytes(8, "little") + b"{}")
+    with pytest.raises(CheckpointError, match="header claims"):
+        load_checkpoint(huge)
+
+
+def test_empty_and_garbage_files(tmp_path):
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "junk.safetensors").write_bytes(b"hello world, not tensors")
+    (tmp_path / "junk.pth").write_bytes(b"<html>404</html>")
+    for name in ("empty.pth", "junk.safetensors", "junk.pth"):
+        with pytest.raises(CheckpointError):
+            load_checkpoint(tmp_path / name)
+
+
+def test_transformers_config_that_lies_about_sizes(tmp_path):
+    hf_models.save(hf_models.build("vit", patch_size=16, image_size=64), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["intermediate_size"] = 4096
+    cfg["num_hidden_layers"] = 2
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(IncompatibleCheckpointError) as err:
+        load_checkpoint(tmp_path)
+    assert any("mlp.fc1.weight" in k for k, _, _ in err.value.wrong_shape)
+    cfg["hidden_size"] = -5
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="not a sensible size"):
+        load_checkpoint(tmp_path)
+
+
+def test_unknown_source():
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_checkpoint("/nonexistent/dir/model.pth")

@@ -1,0 +1,59 @@
+"""Hub downloads go only to a local server here; no test reaches the internet."""
+
+import socket
+import time
+
+import pytest
+import torch
+
+from model import DownloadError, load_checkpoint
+from model.weights import cached_repos
+
+import fake_hub
+import hf_models
+
+
+@pytest.fixture(scope="module")
+def repo_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vit_repo")
+    hf_models.save(hf_models.build("vit", patch_size=16, image_size=64), folder)
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.fixture
+def online(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+
+def test_download_then_offline_from_cache(tmp_path, repo_files, online, monkeypatch):
+    with fake_hub.serve({"acme/tiny-vit": repo_files}) as (url, state):
+        loaded = load_checkpoint("acme/tiny-vit", endpoint=url, cache_dir=tmp_path)
+        assert any("model.safetensors" in r for r in state.requests)
+    assert loaded.config.grid == (4, 4) and loaded.family == "ViT"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    again = load_checkpoint("hf-hub:acme/tiny-vit", cache_dir=tmp_path)  # no server now
+    for a, b in zip(loaded.model.state_dict().values(), again.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert cached_repos(tmp_path) == ["acme/tiny-vit"]
+
+
+def test_unknown_repo_is_a_clear_error(tmp_path, repo_files, online):
+    with fake_hub.serve({"acme/tiny-vit": repo_files}) as (url, _):
+        with pytest.raises(DownloadError, match="not found"):
+            load_checkpoint("acme/missing", endpoint=url, cache_dir=tmp_path)
+
+
+def test_connection_refused_fails_fast(tmp_path, online):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(DownloadError):
+        load_checkpoint("acme/tiny-vit", endpoint=f"http://127.0.0.1:{port}", cache_dir=tmp_path)
+    assert time.monotonic() - start < 5
+
+
+def test_offline_and_not_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DownloadError, match="HF_HUB_OFFLINE"):
+        load_checkpoint("hf-hub:timm/vit_base_patch16_224.augreg2_in21k_ft_in1k", cache_dir=tmp_path)

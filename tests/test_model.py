@@ -1,0 +1,180 @@
+"""The ViT itself: attention as values, gradients through attention, resampling, precision."""
+
+import threading
+
+import pytest
+import torch
+
+from model import VisionTransformer, ViTConfig, load_checkpoint, resample_grid, resample_pos_embed
+from model.weights import load_strict
+
+TINY = dict(image_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, mlp_dim=96)
+
+
+def _model(seed=0, **kw):
+    m = VisionTransformer(ViTConfig(**{**TINY, "num_classes": 7, **kw}))
+    m.init_weights(seed=seed)
+    with torch.no_grad():  # non-trivial prefix tokens and position embeddings
+        g = torch.Generator().manual_seed(seed + 1)
+        for name, p in m.named_parameters():
+            if "token" in name or "pos_embed" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+    return m.eval()
+
+
+def _x(batch=2, size=(32, 32), seed=0):
+    return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_attentions_are_probabilities_for_every_layout():
+    for kw in (
+        {},
+        {"distill_token": True, "distilled_head": True},
+        {"num_registers": 4, "pos_embed_prefix": 1, "layer_scale": True},
+        {"class_token": False, "global_pool": "avg", "fc_norm": True},
+        {"pre_norm": True, "act": "quick_gelu", "patch_bias": False, "projection_dim": 5},
+        {"image_size": (32, 48), "qkv_bias": False},
+    ):
+        m = _model(**kw)
+        c = m.config
+        out = m(_x(size=c.image_size), output_token_norms=True)
+        assert len(out.attentions) == c.depth
+        for a in out.attentions:
+            assert a.shape == (2, c.num_heads, c.num_tokens, c.num_tokens)
+            torch.testing.assert_close(a.sum(-1), torch.ones(a.shape[:-1]), atol=1e-6, rtol=0)
+            assert (a >= 0).all()
+        assert out.token_norms.shape == (2, c.depth + 1, c.num_tokens)
+        assert out.logits.shape == (2, 7)
+
+
+def test_skip_attentions():
+    m = _model()
+    out = m(_x(), output_attentions=False)
+    assert out.attentions is None and out.logits is not None
+    torch.testing.assert_close(out.logits, m(_x()).logits, atol=1e-6, rtol=0)
+
+
+def test_gradient_through_attentions_without_touching_parameters():
+    m = _model().requires_grad_(False)
+    x = _x().requires_grad_(True)
+    with torch.enable_grad():
+        out = m(x)
+        y = out.logits[torch.arange(2), out.logits.argmax(-1)].sum()
+        grads = torch.autograd.grad(y, out.attentions)
+    assert len(grads) == 2 and all(g.shape == a.shape for g, a in zip(grads, out.attentions))
+    assert all(g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for p in m.parameters())
+    # images in a batch do not mix: image 0's logit has no gradient on image 1's attention
+    with torch.enable_grad():
+        out = m(_x().requires_grad_(True))
+        g = torch.autograd.grad(out.logits[0, 0], out.attentions[-1])[0]
+    assert g[1].abs().max() == 0
+
+
+def test_forward_writes_no_state_and_is_thread_safe():
+    m = _model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    attrs = {k: id(v) for k, v in vars(m).items()}
+    inputs = [_x(seed=i) for i in range(6)]
+    with torch.no_grad():
+        alone = [m(x).attentions[-1] for x in inputs]
+    results = [None] * len(inputs)
+
+    def run(i):
+        with torch.no_grad():
+            for _ in range(3):
+                results[i] = m(inputs[i]).attentions[-1]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(alone, results):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert {k: id(v) for k, v in vars(m).items()} == attrs
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_bf16_attention_close_to_fp32(tmp_path):
+    m = _model(embed_dim=96, num_heads=4, mlp_dim=192, depth=4)
+    from safetensors.torch import save_file
+
+    save_file(m.state_dict(), str(tmp_path / "m.safetensors"))
+    fp32 = load_checkpoint(tmp_path / "m.safetensors", overrides={"num_heads": 4})
+    bf16 = load_checkpoint(tmp_path / "m.safetensors", overrides={"num_heads": 4}, dtype="bf16")
+    assert bf16.dtype == torch.bfloat16
+    x = _x()
+    with torch.no_grad():
+        a = fp32.model(x).attentions
+        b = bf16.model(x.bfloat16()).attentions
+    for p, q in zip(a, b):
+        assert (p - q.float()).abs().max() < 2e-2
+
+
+def test_resample_unchanged_grid_returns_input():
+    pe = torch.randn(1, 1 + 16, 8)
+    assert resample_pos_embed(pe, src_grid=(4, 4), dst_grid=(4, 4), num_prefix=1) is pe
+
+
+@pytest.mark.parametrize("method", ["bicubic", "bicubic_plain", "bilinear", "bicubic_dino", "nearest"])
+def test_resample_methods_keep_prefix_and_smooth_fields(method):
+    gh, gw = 6, 6
+    yy, xx = torch.meshgrid(torch.arange(gh).float(), torch.arange(gw).float(), indexing="ij")
+    field = torch.stack([xx, yy], -1).reshape(-1, 2)  # a linear ramp
+    pe = torch.cat([torch.full((1, 2), 7.0), field])[None]
+    out = resample_pos_embed(pe, src_grid=(gh, gw), dst_grid=(9, 12), num_prefix=1, method=method)
+    assert out.shape == (1, 1 + 9 * 12, 2)
+    assert torch.equal(out[0, 0], pe[0, 0])
+    grid = out[0, 1:].reshape(9, 12, 2)
+    assert (grid[:, 1:, 0] - grid[:, :-1, 0] >= -1e-4).all()  # still increasing along x
+    assert (grid[1:, :, 1] - grid[:-1, :, 1] >= -1e-4).all()  # and along y
+
+
+def test_resample_rejects_unknown_method():
+    with pytest.raises(ValueError, match="unknown resampling method"):
+        resample_grid(torch.zeros(4, 2), src_grid=(2, 2), dst_grid=(3, 3), method="magic")
+
+
+@pytest.mark.parametrize("size", [(384, 384), (224, 320)])
+def test_224_model_runs_at_other_sizes(tmp_path, size):
+    m = VisionTransformer(ViTConfig(image_size=224, patch_size=16, embed_dim=64, depth=1, num_heads=1, mlp_dim=64))
+    torch.save(m.state_dict(), tmp_path / "m.pth")
+    loaded = load_checkpoint(tmp_path / "m.pth", image_size=size)
+    assert loaded.config.grid == (size[0] // 16, size[1] // 16)
+    assert loaded.preprocessing.input_size == size
+    with torch.no_grad():
+        out = loaded.model(torch.randn(1, 3, *size))
+    assert out.attentions[0].shape[-1] == 1 + (size[0] // 16) * (size[1] // 16)
+
+
+def test_wrong_input_size_is_a_clear_error():
+    with pytest.raises(ValueError, match="configured for 32x32"):
+        _model()(torch.zeros(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        ({"image_size": 30}, "not divisible"),
+        ({"num_heads": 5}, "not divisible by num_heads"),
+        ({"act": "relu"}, "act must be"),
+        ({"class_token": False}, "needs a class token"),
+        ({"num_registers": 2, "pos_embed_prefix": 4}, "pos_embed_prefix"),
+    ],
+)
+def test_config_validation(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        ViTConfig(**{**TINY, **kw})
+
+
+def test_config_is_hashable_and_round_trips():
+    c = ViTConfig(**TINY)
+    assert hash(c) == hash(ViTConfig.from_dict(c.to_dict()))
+    assert c.grid == (4, 4) and c.num_tokens == 17 and c.head_dim == 16
+
+
+def test_load_strict_accepts_exact_state():
+    m = _model()
+    load_strict(_model(seed=5), m.state_dict())

@@ -1,0 +1,1 @@
+"""ViT Lens analyses, pictures and the Streamlit page."""
