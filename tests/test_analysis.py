@@ -1,0 +1,278 @@
+"""Property tests for every analysis (ANALYSES.md)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from model import VisionTransformer, ViTConfig
+from model.vit import sincos_2d_pos_embed
+from viz_app import analysis as A
+from viz_app.analysis.rollout import _residual_matrices, rollout_matrix
+from viz_app.pipeline import attention_gradients, run_forward
+
+
+def random_attn(B=2, L=3, H=4, T=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, L, H, T, T, generator=g).mul(2).softmax(-1)
+
+
+P, GRID = 1, (3, 3)  # T = 10
+
+
+def test_identity_attention_gives_identity_rollout():
+    eye = torch.eye(10).expand(2, 3, 4, 10, 10)
+    torch.testing.assert_close(rollout_matrix(eye), torch.eye(10).expand(2, 10, 10))
+    assert A.attention_rollout(eye, num_prefix=P, grid=GRID).abs().max() == 0
+
+
+def test_uniform_attention_gives_flat_map():
+    uni = torch.full((2, 3, 4, 10, 10), 0.1)
+    m = A.attention_rollout(uni, num_prefix=P, grid=GRID)
+    torch.testing.assert_close(m, torch.full_like(m, m[0, 0, 0].item()))
+    for fusion in ("max", "min"):
+        m = A.attention_rollout(uni, num_prefix=P, grid=GRID, head_fusion=fusion)
+        assert torch.allclose(m, m.flatten()[0])
+
+
+@pytest.mark.parametrize("fusion", ["mean", "max", "min"])
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 0.9])
+def test_every_fused_matrix_is_row_stochastic(fusion, ratio):
+    for a_hat in _residual_matrices(random_attn(), fusion=fusion, discard_ratio=ratio, start=0, end=None, protect=(0,)):
+        torch.testing.assert_close(a_hat.sum(-1), torch.ones(2, 10))
+        assert (a_hat >= 0).all()
+    R = rollout_matrix(random_attn(), head_fusion=fusion, discard_ratio=ratio)
+    torch.testing.assert_close(R.sum(-1), torch.ones(2, 10))
+
+
+def test_discard_never_touches_the_readout_entry():
+    attn = random_attn()
+    attn[:, :, :, 0, 0] = 1e-9  # the smallest entry of all
+    attn[:, :, :, 1, 1] = 1e-9
+    from viz_app.analysis.rollout import _discard
+
+    fused = A.fuse_heads(attn[:, 0])
+    out = _discard(fused, 0.95, protect=(0,))
+    assert (out[:, 0, 0] > 0).all()
+    assert (out[:, 1, 1] == 0).all()  # not protected: discarded
+    assert (out == 0).float().mean() > 0.9
+    assert (fused[:, 0, 0] == attn[:, 0, :, 0, 0].mean(1)).all()  # input untouched
+
+
+def test_discard_is_per_image_not_batch_item_zero():
+    attn = random_attn(B=3)
+    batch = A.attention_rollout(attn, num_prefix=P, grid=GRID, discard_ratio=0.7)
+    for b in range(3):
+        single = A.attention_rollout(attn[b : b + 1], num_prefix=P, grid=GRID, discard_ratio=0.7)
+        torch.testing.assert_close(batch[b : b + 1], single)
+
+
+def test_layer_range_and_per_layer_strip():
+    attn = random_attn(L=4)
+    strip = A.rollout_per_layer(attn, num_prefix=P, grid=GRID)
+    assert strip.shape == (2, 4, 3, 3)
+    torch.testing.assert_close(strip[:, -1], A.attention_rollout(attn, num_prefix=P, grid=GRID))
+    torch.testing.assert_close(strip[:, 1], A.attention_rollout(attn, num_prefix=P, grid=GRID, end=1))
+    one = A.attention_rollout(attn, num_prefix=P, grid=GRID, start=2, end=2)
+    a_hat = 0.5 * attn[:, 2].mean(1) + 0.5 * torch.eye(10)
+    a_hat = a_hat / a_hat.sum(-1, keepdim=True)
+    torch.testing.assert_close(one, a_hat[:, 0, 1:].reshape(2, 3, 3))
+    with pytest.raises(ValueError, match="layer range"):
+        A.attention_rollout(attn, num_prefix=P, grid=GRID, start=3, end=1)
+
+
+def test_rollout_matches_numpy_reference():
+    attn = random_attn(B=1, L=3)
+    ref = np.eye(10)
+    for layer in range(3):
+        f = attn[0, layer].double().numpy().mean(0)
+        a = 0.5 * f + 0.5 * np.eye(10)
+        a = a / a.sum(axis=1, keepdims=True)
+        ref = a @ ref
+    got = A.attention_rollout(attn, num_prefix=P, grid=GRID)[0].double().numpy()
+    np.testing.assert_allclose(got, ref[0, 1:].reshape(3, 3), atol=1e-6)
+
+
+def test_readout_choices():
+    attn = random_attn(T=11)  # cls + dist + 9 patches
+    kw = dict(num_prefix=2, grid=GRID, readout_tokens=(0, 1))
+    auto = A.attention_maps(attn[:, 0], **kw)
+    cls = A.attention_maps(attn[:, 0], readout="cls", **kw)
+    dist = A.attention_maps(attn[:, 0], readout="dist", **kw)
+    torch.testing.assert_close(auto, (cls + dist) / 2)
+    torch.testing.assert_close(A.attention_maps(attn[:, 0], readout="mean", **kw), auto)
+    patches = A.attention_maps(attn[:, 0], readout="patches", **kw)
+    torch.testing.assert_close(patches, attn[:, 0, :, 2:, 2:].mean(-2).reshape(2, 4, 3, 3))
+    with pytest.raises(ValueError, match="distillation"):
+        A.attention_maps(attn[:, 0], readout="dist", num_prefix=1, grid=(3, 3), readout_tokens=(0,))
+    with pytest.raises(ValueError, match="readout must be"):
+        A.attention_maps(attn[:, 0], readout="bogus", **kw)
+
+
+def test_head_maps_query_reverse_and_renormalize():
+    attn = random_attn()[:, 1]  # (B, H, T, T)
+    q = P + 4
+    m = A.attention_maps(attn, num_prefix=P, grid=GRID, query=q)
+    torch.testing.assert_close(m, attn[:, :, q, 1:].reshape(2, 4, 3, 3))
+    r = A.attention_maps(attn, num_prefix=P, grid=GRID, query=q, drop_prefix=True)
+    torch.testing.assert_close(r.sum((-1, -2)), torch.ones(2, 4))
+    rev = A.attention_to_patch(attn, num_prefix=P, grid=GRID, patch=4)
+    torch.testing.assert_close(rev, attn[:, :, 1:, 5].reshape(2, 4, 3, 3))
+    with pytest.raises(ValueError):
+        A.attention_maps(attn, num_prefix=P, grid=GRID, query=10)
+    with pytest.raises(ValueError):
+        A.attention_to_patch(attn, num_prefix=P, grid=GRID, patch=9)
+
+
+def test_mass_threshold():
+    maps = torch.tensor([[[0.5, 0.2], [0.2, 0.1]], [[0.25, 0.25], [0.25, 0.25]]])
+    mask = A.mass_threshold_mask(maps, 0.6)
+    assert mask[0].tolist() == [[True, True], [False, False]] or mask[0].tolist() == [[True, False], [True, False]]
+    assert mask[0].sum() == 2 and mask[1].sum() == 3
+    assert A.mass_threshold_mask(maps, 1.0)[1].all()
+    with pytest.raises(ValueError):
+        A.mass_threshold_mask(maps, 0.0)
+
+
+def test_entropy():
+    uni = torch.full((1, 2, 5, 5), 0.2)
+    torch.testing.assert_close(A.attention_entropy(uni), torch.full((1, 2), math.log(5)))
+    assert A.attention_entropy(torch.eye(5).expand(1, 2, 5, 5)).abs().max() < 1e-6
+
+
+def test_mean_attention_distance_self_and_uniform():
+    T = 5  # cls + 2x2 grid
+    own = torch.eye(T).expand(1, 2, 3, T, T)
+    assert A.mean_attention_distance(own, num_prefix=1, grid=(2, 2), patch_size=16).abs().max() == 0
+    uni = torch.full((1, 2, 3, T, T), 1 / T)
+    as_is = A.mean_attention_distance(uni, num_prefix=1, grid=(2, 2), patch_size=16)
+    torch.testing.assert_close(as_is, torch.full((1, 2, 3), 16 * (2 + math.sqrt(2)) / 5))
+    ren = A.mean_attention_distance(uni, num_prefix=1, grid=(2, 2), patch_size=16, convention="renormalized")
+    torch.testing.assert_close(ren, torch.full((1, 2, 3), 16 * (2 + math.sqrt(2)) / 4))
+    with pytest.raises(ValueError):
+        A.mean_attention_distance(uni, num_prefix=1, grid=(2, 2), patch_size=16, convention="x")
+
+
+def test_batch_equals_per_image_and_inputs_untouched():
+    attn = random_attn(B=3)
+    before = attn.clone()
+    fns = [
+        lambda a: A.attention_rollout(a, num_prefix=P, grid=GRID, head_fusion="max", discard_ratio=0.3),
+        lambda a: A.rollout_per_layer(a, num_prefix=P, grid=GRID),
+        lambda a: A.mean_attention_distance(a, num_prefix=P, grid=GRID, patch_size=8),
+        lambda a: A.attention_entropy(a),
+        lambda a: A.attention_maps(a[:, 2], num_prefix=P, grid=GRID, query=3),
+        lambda a: A.mass_threshold_mask(A.attention_maps(a[:, 2], num_prefix=P, grid=GRID)),
+        lambda a: A.gradient_rollout(a, a.flip(-1), num_prefix=P, grid=GRID),
+    ]
+    for fn in fns:
+        batch = fn(attn)
+        for b in range(3):
+            torch.testing.assert_close(batch[b : b + 1], fn(attn[b : b + 1]))
+    assert torch.equal(attn, before)
+
+
+def test_gradient_rollout_hand_computation():
+    attn, grads = (
+        random_attn(B=1, L=2, H=2, T=4),
+        torch.randn(1, 2, 2, 4, 4, generator=torch.Generator().manual_seed(4)),
+    )
+    R = np.eye(4)
+    for layer in range(2):
+        a = attn[0, layer].double().numpy()
+        g = grads[0, layer].double().numpy()
+        a_bar = np.maximum(g * a, 0).mean(0)
+        R = R + a_bar @ R
+    got = A.gradient_rollout(attn, grads, num_prefix=1, grid=(1, 3))
+    np.testing.assert_allclose(got[0].double().numpy(), R[0, 1:].reshape(1, 3), atol=1e-6)
+
+
+def test_gradient_rollout_of_input_independent_attention():
+    """With q and k zeroed, attention is uniform whatever the input; the gradient map then is
+    the hand computation R = I + sum-of-products of relu(G * A) with the autograd gradients."""
+    cfg = ViTConfig(image_size=24, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_dim=64, num_classes=3)
+    m = VisionTransformer(cfg)
+    m.init_weights(seed=1)
+    with torch.no_grad():
+        for blk in m.blocks:
+            blk.attn.qkv.weight[:64] = 0  # q and k rows
+            blk.attn.qkv.bias[:64] = 0
+    m.eval().requires_grad_(False)
+    x = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    attns, grads, target = attention_gradients(m, x)
+    torch.testing.assert_close(attns, torch.full_like(attns, 1 / 10))
+    fwd = run_forward(m, x)
+    torch.testing.assert_close(target, fwd.logits.argmax(-1))
+    # Hand computation, per image, by finite differences on the chosen logit is too coarse; use
+    # the chain rule instead: dy/dA = dy/dO @ V^T per head, with O = A V, checked via autograd.
+    got = A.gradient_rollout(attns, grads, num_prefix=1, grid=(3, 3))
+    for b in range(2):
+        R = np.eye(10)
+        for layer in range(2):
+            a_bar = np.maximum(grads[b, layer].double().numpy() / 10, 0).mean(0)
+            R = R + a_bar @ R
+        np.testing.assert_allclose(got[b].double().numpy(), R[0, 1:].reshape(3, 3), rtol=1e-5, atol=1e-7)
+    assert all(p.grad is None for p in m.parameters())
+
+
+def test_gradient_rollout_batch_independence_through_model():
+    cfg = ViTConfig(image_size=24, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_dim=64, num_classes=3)
+    m = VisionTransformer(cfg)
+    m.init_weights(seed=2)
+    m.eval()
+    x = torch.randn(3, 3, 24, 24, generator=torch.Generator().manual_seed(1))
+    _, grads, t = attention_gradients(m, x, target=torch.tensor([0, 1, 2]))
+    for b in range(3):
+        _, g1, _ = attention_gradients(m, x[b : b + 1], target=t[b : b + 1])
+        torch.testing.assert_close(grads[b : b + 1], g1, atol=1e-6, rtol=1e-5)
+
+
+def test_sincos_similarity_decays_with_distance():
+    grid = (8, 8)
+    sim = A.position_similarity(sincos_2d_pos_embed(64, grid))
+    torch.testing.assert_close(torch.diagonal(sim), torch.ones(64))
+    dists, means = A.similarity_decay(sim, grid)
+    assert dists[:5].tolist() == [1, 2, 3, 4, 5]
+    assert (means[1:5] < means[:4]).all()
+    assert A.neighbour_contrast(sim, grid) > 0.1
+    tiles = A.similarity_tiles(sim, grid)
+    assert tiles.shape == (8, 8, 8, 8) and tiles[2, 3, 2, 3] == pytest.approx(1.0)
+    rows, cols = A.similarity_by_offset(sim, grid)
+    assert rows.shape == (7,) and cols.shape == (7,)
+    torch.testing.assert_close(rows, cols, atol=1e-5, rtol=0)  # x and y treated alike
+
+
+def test_compare_position_embeddings_on_common_grid():
+    a = sincos_2d_pos_embed(32, (4, 4))
+    b = sincos_2d_pos_embed(32, (6, 6))
+    cmp = A.compare_position_embeddings(a, (4, 4), b, (6, 6), method="bilinear")
+    assert cmp.grid == (6, 6) and cmp.sim_a.shape == (36, 36)
+    torch.testing.assert_close(cmp.difference, cmp.sim_a - cmp.sim_b)
+    same = A.compare_position_embeddings(b, (6, 6), b, (6, 6))
+    assert same.difference.abs().max() == 0
+    with pytest.raises(ValueError, match="unknown resampling"):
+        A.compare_position_embeddings(a, (4, 4), b, (6, 6), method="cubic")
+
+
+def test_filter_pca_recovers_known_components():
+    g = torch.Generator().manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(48, 3, generator=g, dtype=torch.float64))  # orthonormal (48, 3)
+    coeffs = torch.randn(200, 3, generator=g, dtype=torch.float64) * torch.tensor([5.0, 2.0, 0.5], dtype=torch.float64)
+    coeffs = coeffs - coeffs.mean(0)
+    W = (coeffs @ basis.T + torch.randn(48, generator=g, dtype=torch.float64)).float().reshape(200, 3, 4, 4)
+    pca = A.filter_pca(W, k=28)
+    assert pca.components.shape == (28, 3, 4, 4)
+    for i in range(3):
+        got = pca.components[i].flatten().double()
+        assert abs(float(got @ basis[:, i])) > 0.999
+        assert got[got.abs().argmax()] > 0  # sign fixed
+    assert pca.explained_variance_ratio[:3].sum() > 0.999
+    torch.testing.assert_close(A.filter_pca(-W).components[:3], pca.components[:3], atol=1e-4, rtol=0)
+
+
+def test_token_norm_outliers():
+    norms = torch.ones(2, 3, 10)
+    norms[1, 2, 7] = 50
+    out = A.token_norm_outliers(norms, num_prefix=1)
+    assert out.shape == (2, 3, 9) and out.sum() == 1 and out[1, 2, 6]

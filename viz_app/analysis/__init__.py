@@ -1,0 +1,47 @@
+"""Every analysis in shared/ANALYSES.md as pure, batch-aware torch functions (no Streamlit).
+
+Shapes: B batch, L layers, H heads, T tokens, P prefix tokens, N = gh * gw patches.
+Attention stacks are (B, L, H, T, T), post-softmax. Inputs are never modified.
+"""
+
+from .attention import (
+    attention_entropy,
+    attention_maps,
+    attention_to_patch,
+    mass_threshold_mask,
+    readout_rows,
+)
+from .distance import mean_attention_distance, patch_distances
+from .filters import filter_pca
+from .posembed import (
+    compare_position_embeddings,
+    neighbour_contrast,
+    position_similarity,
+    similarity_by_offset,
+    similarity_decay,
+    similarity_tiles,
+)
+from .rollout import attention_rollout, fuse_heads, gradient_rollout, rollout_per_layer
+from .tokens import token_norm_outliers
+
+__all__ = [
+    "attention_entropy",
+    "attention_maps",
+    "attention_rollout",
+    "attention_to_patch",
+    "compare_position_embeddings",
+    "filter_pca",
+    "fuse_heads",
+    "gradient_rollout",
+    "mass_threshold_mask",
+    "mean_attention_distance",
+    "neighbour_contrast",
+    "patch_distances",
+    "position_similarity",
+    "readout_rows",
+    "rollout_per_layer",
+    "similarity_by_offset",
+    "similarity_decay",
+    "similarity_tiles",
+    "token_norm_outliers",
+]
