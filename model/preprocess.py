@@ -15,7 +15,7 @@ from .config import Preprocessing
 from .errors import ViTLensError
 
 # Raster formats we decode; everything else (SVG, PDF, EPS, ...) is refused before decoding.
-ALLOWED_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "TIFF", "GIF")
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")  # JPEG also opens MPO
 MAX_PIXELS = 50_000_000  # about 8660 x 5773; decompression bombs claim far more
 MAX_BYTES = 50 * 1024 * 1024
 RESAMPLE = {

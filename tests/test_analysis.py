@@ -10,7 +10,7 @@ from model import VisionTransformer, ViTConfig
 from model.vit import sincos_2d_pos_embed
 from viz_app import analysis as A
 from viz_app.analysis.rollout import _residual_matrices, rollout_matrix
-from viz_app.pipeline import attention_gradients, run_forward
+from viz_app.pipeline import run_forward
 
 
 def random_attn(B=2, L=3, H=4, T=10, seed=0):
@@ -200,10 +200,12 @@ def test_gradient_rollout_of_input_independent_attention():
             blk.attn.qkv.bias[:64] = 0
     m.eval().requires_grad_(False)
     x = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(0))
-    attns, grads, target = attention_gradients(m, x)
+    g = run_forward(m, x, gradients=True)
+    attns, grads = g.attentions, g.grads
     torch.testing.assert_close(attns, torch.full_like(attns, 1 / 10))
     fwd = run_forward(m, x)
-    torch.testing.assert_close(target, fwd.logits.argmax(-1))
+    torch.testing.assert_close(g.target, fwd.logits.argmax(-1))
+    torch.testing.assert_close(g.logits, fwd.logits, atol=1e-5, rtol=0)
     # Hand computation, per image, by finite differences on the chosen logit is too coarse; use
     # the chain rule instead: dy/dA = dy/dO @ V^T per head, with O = A V, checked via autograd.
     got = A.gradient_rollout(attns, grads, num_prefix=1, grid=(3, 3))
@@ -222,9 +224,10 @@ def test_gradient_rollout_batch_independence_through_model():
     m.init_weights(seed=2)
     m.eval()
     x = torch.randn(3, 3, 24, 24, generator=torch.Generator().manual_seed(1))
-    _, grads, t = attention_gradients(m, x, target=torch.tensor([0, 1, 2]))
+    t = torch.tensor([0, 1, 2])
+    grads = run_forward(m, x, gradients=True, target=t).grads
     for b in range(3):
-        _, g1, _ = attention_gradients(m, x[b : b + 1], target=t[b : b + 1])
+        g1 = run_forward(m, x[b : b + 1], gradients=True, target=t[b : b + 1]).grads
         torch.testing.assert_close(grads[b : b + 1], g1, atol=1e-6, rtol=1e-5)
 
 

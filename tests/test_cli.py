@@ -1,0 +1,121 @@
+"""The batch CLI: outputs, references from transformers' own attentions, errors and exit codes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model import load_checkpoint, load_image, prepare_image
+from viz_app.cli import main
+
+import hf_models
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf_vit")
+    model = hf_models.build("vit", patch_size=16, image_size=64)
+    hf_models.save(model, folder)
+    return folder, model
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("imgs")
+    g = np.random.default_rng(0)
+    for i, (w, h) in enumerate([(80, 60), (64, 64), (50, 120)]):
+        Image.fromarray(g.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    return folder
+
+
+def numpy_rollout(attns: np.ndarray, num_prefix: int) -> np.ndarray:
+    """Independent reference: (L, H, T, T) -> read-out row of the rollout over patches."""
+    T = attns.shape[-1]
+    R = np.eye(T)
+    for a in attns.astype(np.float64):
+        f = 0.5 * a.mean(0) + 0.5 * np.eye(T)
+        R = (f / f.sum(1, keepdims=True)) @ R
+    return R[0, num_prefix:]
+
+
+def test_cli_matches_transformers_reference(tmp_path, hf_folder, images):
+    folder, hf = hf_folder
+    out = tmp_path / "out"
+    rc = main(
+        ["analyze", "--model", str(folder), "--batch-size", "2", "--save-attentions", "--out", str(out), str(images)]
+    )
+    assert rc == 0
+    lm = load_checkpoint(folder)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"]["grid"] == [4, 4] and summary["model"]["layers"] == 3
+    assert len(summary["mean_attention_distance"]) == 3
+    for stem in ("img0", "img1", "img2"):
+        rec = np.load(out / f"{stem}.npz")
+        x = prepare_image(load_image(images / f"{stem}.png"), lm.preprocessing).pixels[None]
+        with torch.no_grad():
+            ref = hf(pixel_values=x, output_attentions=True)
+        ref_attn = torch.stack(ref.attentions, 1)[0].numpy()  # (L, H, T, T)
+        np.testing.assert_allclose(rec["attentions"], ref_attn, atol=1e-5)
+        np.testing.assert_allclose(rec["rollout"].ravel(), numpy_rollout(ref_attn, 1), atol=1e-5)
+        np.testing.assert_allclose(rec["logits"], ref.logits[0].numpy(), atol=1e-4)
+        np.testing.assert_allclose(rec["readout_attention"], ref_attn[:, :, 0, 1:].reshape(3, 4, 4, 4), atol=1e-5)
+        assert rec["grad_rollout"].shape == (4, 4) and rec["mean_attention_distance"].shape == (3, 4)
+        assert (out / f"{stem}_rollout.png").stat().st_size > 0
+        assert len(summary["images"][stem]["top5"]) == 5
+    model_npz = np.load(out / "model.npz")
+    assert model_npz["position_similarity"].shape == (16, 16)
+    assert model_npz["filter_components"].shape[1:] == (3, 16, 16)
+    assert (out / "mad.png").stat().st_size > 0
+
+
+def test_unreadable_file_is_reported_and_skipped(tmp_path, hf_folder, images, capsys):
+    folder, _ = hf_folder
+    bad = tmp_path / "in"
+    bad.mkdir()
+    (bad / "broken.png").write_bytes(b"not a png at all")
+    (bad / "good.png").write_bytes((images / "img1.png").read_bytes())
+    out = tmp_path / "out"
+    rc = main(["analyze", "--model", str(folder), "--out", str(out), str(bad)])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "Traceback" not in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["file"].endswith("broken.png") for s in summary["skipped"]] == [True]
+    assert (out / "good.npz").exists() and not (out / "broken.npz").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["analyze", "--out", "x", "img.png"],  # no --model
+        ["analyze", "--model", "/nope.pth", "--out", "OUT", "IMG"],
+        ["analyze", "--model", "demo", "--batch-size", "0", "--out", "OUT", "IMG"],
+        ["analyze", "--model", "demo", "--dtype", "fp64", "--out", "OUT", "IMG"],
+        ["frobnicate"],
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(tmp_path, images, argv):
+    argv = [str(images / "img0.png") if a == "IMG" else str(tmp_path / "o") if a == "OUT" else a for a in argv]
+    proc = subprocess.run(
+        [sys.executable, "-m", "viz_app", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_headless_model_writes_features(tmp_path, images):
+    folder = tmp_path / "dino"
+    hf_models.save(hf_models.build("dinov2_reg", patch_size=14, image_size=56), folder)
+    out = tmp_path / "out"
+    assert main(["analyze", "--model", str(folder), "--out", str(out), str(images / "img0.png")]) == 0
+    rec = np.load(out / "img0.npz")
+    assert "features" in rec and "logits" not in rec and "grad_rollout" not in rec
+    assert rec["rollout"].shape == (4, 4)

@@ -1,0 +1,68 @@
+"""Renderers: shapes, colour scales, and that the geometry maps back to the original image."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model import Preprocessing, prepare_image
+from viz_app import render
+
+
+def test_overlay_methods():
+    view = np.full((64, 64, 3), 100, np.uint8)
+    heat = np.zeros((4, 4))
+    heat[1, 2] = 1.0
+    for method in ("nearest", "bilinear"):
+        out = render.overlay(view, heat, method=method, alpha=0.6, patch_size=16)
+        assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    near = render.overlay(view, heat, method="nearest", alpha=1.0)
+    hot = render.colorize(np.array([[0.0, 1.0]]))[0, 1]
+    assert (near[16:32, 32:48] == hot).all()  # the hot patch exactly, nothing else
+    assert not (near[0:16, 0:16] == hot).all()
+    paper = render.overlay(view, heat, method="paper", patch_size=16)
+    assert paper[24, 40].sum() > paper[60, 4].sum()  # bright where attended, black far away
+    with pytest.raises(ValueError):
+        render.overlay(view, heat, method="cubic")
+
+
+def test_overlay_on_original_inverts_the_crop():
+    orig = np.zeros((100, 200, 3), np.uint8)  # W=200, H=100
+    orig[:, :] = (50, 50, 50)
+    prepared = prepare_image(Image.fromarray(orig), Preprocessing(input_size=(32, 32), crop_pct=1.0))
+    assert prepared.resized_size == (64, 32) and prepared.crop_box == (16, 0, 48, 32)
+    heat = np.zeros((2, 2))
+    heat[0, 0] = 1.0  # top-left patch of the model's view
+    out = render.overlay_on_original(orig, prepared, heat, alpha=1.0, patch_size=16)
+    hot = render.colorize(np.array([[0.0, 1.0]]))[0, 1]
+    # model pixel (0..16, 0..16) -> original x 50..100, y 0..50
+    assert (out[5:45, 55:95] == hot).all()
+    assert (out[:, :45] < 50).all()  # outside the crop: dimmed original
+    x, y = prepared.to_original(0, 0)
+    assert (x, y) == (50.0, 0.0)
+
+
+def test_patch_grid_and_click_mapping():
+    view = np.zeros((48, 64, 3), np.uint8)
+    img = render.draw_patch_grid(view, 16, highlight=(1, 2))
+    assert img.shape[0] > 48 and img.shape[1] > 64
+    assert render.patch_at(40, 20, patch_size=16, grid=(3, 4), num_prefix=1) == (1, 2, 1 + 1 * 4 + 2)
+    with pytest.raises(ValueError):
+        render.patch_at(70, 20, patch_size=16, grid=(3, 4), num_prefix=1)
+
+
+def test_tiles_and_filters():
+    tiles = np.random.default_rng(0).uniform(-1, 1, (3, 4, 3, 4))
+    img = render.tile_grid(tiles, scale=2)
+    assert img.shape == (3 * 7 + 1, 4 * 9 + 1, 3)
+    comps = np.random.default_rng(1).normal(size=(28, 3, 8, 8))
+    f = render.filter_tiles(comps, cols=7, scale=2)
+    assert f.shape == (4 * 18 + 2, 7 * 18 + 2, 3)
+
+
+def test_mad_scatter():
+    mad = np.arange(12, dtype=float).reshape(3, 4)
+    fig = render.mad_scatter_figure(mad)
+    assert len(fig.data) == 4 and list(fig.data[1].y) == [1.0, 5.0, 9.0]
+    assert "pixels" in fig.layout.yaxis.title.text
+    png = render.to_png(render.mad_scatter_png(mad))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"

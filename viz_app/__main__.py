@@ -1,0 +1,3 @@
+from viz_app.cli import main
+
+raise SystemExit(main())

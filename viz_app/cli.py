@@ -1,0 +1,240 @@
+"""Batch CLI: `python -m viz_app analyze --model SOURCE --out DIR IMAGE_OR_DIR ...`.
+
+Exit codes: 0 all images analysed; 1 some were skipped (each reported); 2 bad arguments or a
+model that cannot be loaded (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model import ViTLensError, load_checkpoint
+from model.preprocess import ImageError, PreparedImage, load_image, prepare_image
+from model.weights.load import LoadedModel
+from viz_app import analysis as A
+from viz_app import render
+from viz_app.pipeline import Forward, run_forward
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+log = logging.getLogger("viz_app")
+
+
+class UsageError(Exception):
+    """Bad command-line input: one line on stderr, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m viz_app", description="ViT Lens batch analysis")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    a = sub.add_parser("analyze", help="analyse images with a ViT and write arrays, overlays and a summary")
+    a.add_argument("--model", required=True, help="demo, a curated key, a checkpoint path or a hub id")
+    a.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    a.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    a.add_argument("--batch-size", type=int, default=8)
+    a.add_argument("--save-attentions", action="store_true", help="also store attentions (L, H, T, T) float32")
+    a.add_argument("--image-size", type=int, default=None, help="run at another resolution (resamples positions)")
+    a.add_argument("--out", required=True, type=Path, help="output folder")
+    a.add_argument("inputs", nargs="+", type=Path, help="images or folders of images")
+    return p
+
+
+@dataclass
+class Item:
+    path: Path
+    stem: str
+    prepared: PreparedImage
+    original: np.ndarray
+
+
+def collect_inputs(inputs: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for p in inputs:
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise UsageError(f"no such file or folder: {p}")
+    if not files:
+        raise UsageError("no images found in the given inputs")
+    return files
+
+
+def unique_stems(files: list[Path]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for f in files:
+        n = seen.get(f.stem, 0)
+        seen[f.stem] = n + 1
+        out.append(f.stem if n == 0 else f"{f.stem}_{n}")
+    return out
+
+
+def analyze_batch(lm: LoadedModel, pixels: torch.Tensor) -> tuple[Forward, dict[str, np.ndarray]]:
+    """The per-image arrays the CLI stores, for a batch (B, 3, H, W)."""
+    c = lm.config
+    fwd = run_forward(lm.model, pixels, gradients=c.num_classes > 0)
+    kw = dict(num_prefix=c.num_prefix_tokens, grid=c.grid, readout_tokens=c.readout_tokens)
+    arrays = {
+        "rollout": A.attention_rollout(fwd.attentions, **kw),
+        "readout_attention": A.attention_maps(fwd.attentions, **kw),
+        "mean_attention_distance": A.mean_attention_distance(
+            fwd.attentions, num_prefix=c.num_prefix_tokens, grid=c.grid, patch_size=c.patch_size
+        ),
+    }
+    if fwd.grads is not None:
+        arrays["grad_rollout"] = A.gradient_rollout(fwd.attentions, fwd.grads, **kw)
+    return fwd, {k: v.cpu().numpy() for k, v in arrays.items()}
+
+
+def model_arrays(lm: LoadedModel) -> dict[str, np.ndarray]:
+    c = lm.config
+    pos = lm.model.pos_embed.detach().float().cpu()[0, c.pos_embed_prefix :]
+    pca = A.filter_pca(lm.model.patch_embed.proj.weight.detach().float().cpu())
+    return {
+        "position_similarity": A.position_similarity(pos).numpy(),
+        "grid": np.array(c.grid),
+        "filter_components": pca.components.numpy(),
+        "filter_explained_variance": pca.explained_variance_ratio.numpy(),
+        "filter_mean": pca.mean.numpy(),
+        "pixel_mean": np.array(lm.preprocessing.mean),
+        "pixel_std": np.array(lm.preprocessing.std),
+    }
+
+
+def top5(lm: LoadedModel, probs: np.ndarray) -> list[dict]:
+    idx = np.argsort(-probs)[:5]
+    return [
+        {"class": int(i), "label": lm.labels[i] if lm.labels else str(int(i)), "probability": float(probs[i])}
+        for i in idx
+    ]
+
+
+class Progress:
+    def __init__(self, total: int, stream=sys.stderr) -> None:
+        self.total, self.done, self.stream, self.start = total, 0, stream, time.monotonic()
+
+    def step(self, n: int) -> None:
+        self.done += n
+        rate = self.done / max(1e-9, time.monotonic() - self.start)
+        width = 30
+        fill = int(width * self.done / self.total)
+        self.stream.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} images, {rate:.1f} img/s")
+        if self.done >= self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    files = collect_inputs(args.inputs)
+    try:
+        lm = load_checkpoint(args.model, device=args.device, dtype=args.dtype, image_size=args.image_size)
+    except (ViTLensError, ValueError) as e:
+        raise UsageError(f"cannot load model {args.model!r}: {e}") from None
+    out: Path = args.out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create output folder {out}: {e.strerror}") from None
+    start = time.monotonic()
+    c = lm.config
+    skipped: list[dict] = []
+    results: dict[str, dict] = {}
+    mad_all: list[np.ndarray] = []
+    progress = Progress(len(files))
+    stems = unique_stems(files)
+    for i in range(0, len(files), args.batch_size):
+        items: list[Item] = []
+        for path, stem in zip(files[i : i + args.batch_size], stems[i : i + args.batch_size]):
+            try:
+                img = load_image(path)
+            except ImageError as e:
+                print(f"skipped {path}: {e}", file=sys.stderr)
+                skipped.append({"file": str(path), "reason": str(e)})
+                continue
+            items.append(Item(path, stem, prepare_image(img, lm.preprocessing), np.asarray(img)))
+        if items:
+            pixels = torch.stack([it.prepared.pixels for it in items]).to(lm.device, lm.dtype)
+            fwd, arrays = analyze_batch(lm, pixels)
+            logits = fwd.logits.cpu().numpy() if fwd.logits is not None else None
+            feats = fwd.features.cpu().numpy()
+            attns = fwd.attentions.cpu().numpy() if args.save_attentions else None
+            for b, it in enumerate(items):
+                record = {k: v[b] for k, v in arrays.items()}
+                record["logits" if logits is not None else "features"] = logits[b] if logits is not None else feats[b]
+                if attns is not None:
+                    record["attentions"] = attns[b].astype(np.float32)
+                np.savez_compressed(out / f"{it.stem}.npz", **record)
+                png = render.overlay_on_original(
+                    it.original, it.prepared, arrays["rollout"][b], patch_size=c.patch_size
+                )
+                (out / f"{it.stem}_rollout.png").write_bytes(render.to_png(png))
+                mad_all.append(arrays["mean_attention_distance"][b])
+                entry = {"file": str(it.path), "npz": f"{it.stem}.npz"}
+                if logits is not None:
+                    probs = torch.from_numpy(logits[b]).softmax(-1).numpy()
+                    entry["top5"] = top5(lm, probs)
+                results[it.stem] = entry
+        progress.step(len(files[i : i + args.batch_size]))
+    np.savez_compressed(out / "model.npz", **model_arrays(lm))
+    mad_mean = np.mean(mad_all, axis=0) if mad_all else None
+    if mad_mean is not None:
+        png = render.mad_scatter_png(mad_mean, title=f"{len(mad_all)} images")
+        (out / "mad.png").write_bytes(render.to_png(png))
+    summary = {
+        "model": {
+            "source": str(args.model),
+            "name": lm.name,
+            "family": lm.family,
+            "format": lm.format,
+            "patch_size": c.patch_size,
+            "grid": list(c.grid),
+            "prefix_tokens": list(c.prefix_names),
+            "num_prefix_tokens": c.num_prefix_tokens,
+            "layers": c.depth,
+            "heads": c.num_heads,
+            "config": c.to_dict(),
+        },
+        "device": str(lm.device),
+        "dtype": str(lm.dtype).removeprefix("torch."),
+        "preprocessing": lm.preprocessing.to_dict(),
+        "rollout_settings": {"head_fusion": "mean", "discard_ratio": 0.0, "layers": "all", "readout": "auto"},
+        "mean_attention_distance_convention": "as_is (prefix mass counts as distance 0), pixels",
+        "images": results,
+        "skipped": skipped,
+        "mean_attention_distance": None if mad_mean is None else mad_mean.tolist(),
+        "wall_time_s": round(time.monotonic() - start, 3),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return 1 if skipped else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "analyze":
+            return run_analyze(args)
+        raise UsageError(f"unknown command {args.command!r}")
+    except UsageError as e:
+        print(f"python -m viz_app: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
