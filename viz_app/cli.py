@@ -125,8 +125,9 @@ def top5(lm: LoadedModel, probs: np.ndarray) -> list[dict]:
 
 
 class Progress:
-    def __init__(self, total: int, stream=sys.stderr) -> None:
-        self.total, self.done, self.stream, self.start = total, 0, stream, time.monotonic()
+    def __init__(self, total: int, stream=None) -> None:
+        self.total, self.done, self.start = total, 0, time.monotonic()
+        self.stream = stream or sys.stderr
 
     def step(self, n: int) -> None:
         self.done += n

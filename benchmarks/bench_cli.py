@@ -1,0 +1,64 @@
+"""Batch CLI throughput vs a bare forward pass of the same model at the same batch size.
+
+python -m benchmarks.bench_cli [--images 128] [--batch-size 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import best_of, machine, write_images, write_random_checkpoint
+from model import load_checkpoint
+from viz_app.cli import main as cli_main
+
+
+def run(images: int, batch_size: int) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        ckpt = write_random_checkpoint(d)
+        folder = write_images(d / "images", images)
+        lm = load_checkpoint(ckpt)
+        x = torch.randn(batch_size, 3, 224, 224)
+        n_batches = -(-images // batch_size)
+
+        def bare(attn: bool):
+            with torch.inference_mode():
+                for _ in range(n_batches):
+                    lm.model(x, output_attentions=attn)
+
+        t_bare = best_of(lambda: bare(False), repeats=1)
+        t_attn = best_of(lambda: bare(True), repeats=1)
+        start = time.perf_counter()
+        with contextlib.redirect_stderr(io.StringIO()):
+            rc = cli_main(
+                ["analyze", "--model", str(ckpt), "--batch-size", str(batch_size), "--out", str(d / "out"), str(folder)]
+            )
+        t_cli = time.perf_counter() - start
+        assert rc == 0, rc
+    n = n_batches * batch_size
+    return {
+        "images": images,
+        "batch_size": batch_size,
+        "bare_forward_img_s": n / t_bare,
+        "forward_with_attentions_img_s": n / t_attn,
+        "cli_img_s": images / t_cli,
+        "cli_vs_bare": (images / t_cli) / (n / t_bare),
+    }
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--images", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    a = p.parse_args()
+    print(machine())
+    r = run(a.images, a.batch_size)
+    for k, v in r.items():
+        print(f"{k:32s} {v:.3f}" if isinstance(v, float) else f"{k:32s} {v}")

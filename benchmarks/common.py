@@ -1,0 +1,60 @@
+"""Shared set-up for benchmarks: a random ViT-B/16-sized checkpoint and a folder of test images."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from model import VisionTransformer, ViTConfig
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
+VIT_B16 = ViTConfig(num_classes=1000)
+
+
+def write_random_checkpoint(folder: Path, config: ViTConfig = VIT_B16, seed: int = 0) -> Path:
+    model = VisionTransformer(config)
+    model.init_weights(seed=seed)
+    path = folder / "vit_b16_random.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def write_images(folder: Path, n: int, seed: int = 0) -> Path:
+    """n images: random crops and flips of the example photos, saved as JPEG."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    photos = [Image.open(p).convert("RGB") for p in sorted(EXAMPLES.glob("*.jpg"))]
+    for i in range(n):
+        img = photos[i % len(photos)]
+        w, h = img.size
+        cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        crop = img.crop((x, y, x + cw, y + ch))
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        crop.save(folder / f"img_{i:04d}.jpg", quality=90)
+    return folder
+
+
+def best_of(fn, repeats: int = 3, warmup: int = 1) -> float:
+    """Best wall time of fn() in seconds (noise on a shared 2-core machine only adds time)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def machine() -> str:
+    import os
+    import platform
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
