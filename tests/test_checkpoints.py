@@ -155,3 +155,49 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
 
     with pytest.raises(DownloadError, match="HF_HUB_OFFLINE|local cache"):
         load_checkpoint("google/vit-base-patch16-224", cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("scanned,bf16", [(False, False), (True, False), (True, True)])
+def test_big_vision_npz(tmp_path, hf_vit, scanned, bf16):
+    path = tmp_path / "bv.npz"
+    np.savez(path, **layouts.hf_vit_to_big_vision_npz(hf_vit, heads=HEADS, scanned=scanned, bf16=bf16))
+    loaded = load_checkpoint(path)
+    assert loaded.config.pos_embed_prefix == 0 and loaded.config.depth == 3
+    x = _pixels()
+    if not bf16:
+        _assert_same(loaded, hf_vit, x)
+    else:  # weights rounded to bfloat16: close, not equal
+        with torch.no_grad():
+            ref, out = hf_vit(pixel_values=x).logits, loaded.model(x).logits
+        assert (ref - out).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_openai_clip_state_dict(tmp_path):
+    hf = hf_models.build("clip", patch_size=16, image_size=64)
+    path = tmp_path / "ViT-B-16.pt"
+    torch.save(layouts.hf_clip_to_openai(hf), path)
+    loaded = load_checkpoint(path, overrides={"num_heads": 4})
+    assert loaded.family == "CLIP" and loaded.config.act == "quick_gelu" and loaded.config.pre_norm
+    x = _pixels()
+    with torch.no_grad():
+        ref = hf(pixel_values=x, output_attentions=True)
+        out = loaded.model(x)
+    for a, b in zip(out.attentions, ref.attentions, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.embeds, ref.image_embeds, atol=1e-4, rtol=0)
+
+
+def test_dinov2_original_layout(tmp_path):
+    hf = hf_models.build("dinov2_reg", patch_size=14, image_size=56)
+    path = tmp_path / "dinov2_vits14_reg4.pth"
+    torch.save(layouts.hf_dinov2_to_original(hf), path)
+    loaded = load_checkpoint(path, overrides={"num_heads": 4})
+    c = loaded.config
+    assert (c.num_registers, c.pos_embed_prefix, c.layer_scale) == (4, 1, True)
+    x = _pixels(56)
+    with torch.no_grad():
+        ref = hf(pixel_values=x, output_attentions=True)
+        out = loaded.model(x)
+    for a, b in zip(out.attentions, ref.attentions, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.features, ref.pooler_output, atol=1e-4, rtol=0)

@@ -16,13 +16,15 @@ from ..errors import CheckpointError
 
 # ---- format detection by sentinel keys -------------------------------------------------------
 
-FORMATS = ("google_npz", "timm", "hf_vit", "hf_clip")
+FORMATS = ("google_npz", "timm", "hf_vit", "hf_clip", "openai_clip")
 
 
 def detect_format(sd: dict[str, Tensor]) -> str:
     keys = set(sd)
     if _any_endswith(keys, "embedding/kernel") or _any_endswith(keys, "Transformer/encoder_norm/scale"):
         return "google_npz"
+    if _any_endswith(keys, "conv1.weight") and _any_endswith(keys, "class_embedding"):
+        return "openai_clip"
     if _any_endswith(keys, "embeddings.patch_embedding.weight"):
         return "hf_clip"
     if _any_endswith(keys, "embeddings.patch_embeddings.projection.weight"):
@@ -60,13 +62,18 @@ def from_google_npz(w: dict[str, Tensor]) -> dict[str, Tensor]:
 
     Kernels are stored as Flax Dense (in, out) and Conv (kh, kw, in, out): transposed by rank.
     q, k and v are separate (C, H, D) kernels here and fused into one qkv matrix.
+    Original releases use pre-Linen names (MultiHeadDotProductAttention_1, LayerNorm_2,
+    MlpBlock_3) and Transformer/posembed_input with a class slot; big_vision uses Linen names
+    (..._0, LayerNorm_1, MlpBlock_0), a top-level pos_embedding without one, may stack all
+    blocks in one scanned 'encoderblock', and pools by average ('gap') when it has no 'cls'.
     """
-    prefix = ""
-    for cand in ("opt/target/", "params/"):
-        if f"{cand}embedding/kernel" in w:
-            prefix = cand
+    prefix = next((p for p in ("opt/target/", "params/img/", "params/") if f"{p}embedding/kernel" in w), "")
     w = {k[len(prefix) :]: v for k, v in w.items() if k.startswith(prefix)}
-    bv = "Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel" in w
+    if any(k.startswith("MAPHead_0/") for k in w):
+        raise CheckpointError("this npz pools with a MAP head (attention pooling), which ViT Lens does not support yet")
+    scanned = "Transformer/encoderblock/LayerNorm_0/scale" in w
+    first = "Transformer/encoderblock/" if scanned else "Transformer/encoderblock_0/"
+    bv = f"{first}MultiHeadDotProductAttention_0/query/kernel" in w
     mha, mlp, ln2 = (
         ("MultiHeadDotProductAttention_0", "MlpBlock_0", "LayerNorm_1")
         if bv
@@ -76,27 +83,22 @@ def from_google_npz(w: dict[str, Tensor]) -> dict[str, Tensor]:
             "LayerNorm_2",
         )
     )
-    if "Transformer/encoderblock/LayerNorm_0/scale" in w:
-        raise CheckpointError(
-            "this npz stores the blocks stacked (big_vision scan layout), which is not supported yet; "
-            "export it with one encoderblock_i per layer"
-        )
     out: dict[str, Tensor] = {}
     used: set[str] = set()
 
-    def take(key: str) -> Tensor:
+    def take(key: str, layer: int | None = None) -> Tensor:
         used.add(key)
-        return w[key]
+        return w[key] if layer is None or not scanned else w[key][layer]
 
-    def dense(src: str, dst: str) -> None:
+    def dense(src: str, dst: str, layer: int | None = None) -> None:
         if f"{src}/kernel" in w:
-            out[f"{dst}.weight"] = take(f"{src}/kernel").T.contiguous()
+            out[f"{dst}.weight"] = take(f"{src}/kernel", layer).T.contiguous()
         if f"{src}/bias" in w:
-            out[f"{dst}.bias"] = take(f"{src}/bias")
+            out[f"{dst}.bias"] = take(f"{src}/bias", layer)
 
-    def norm(src: str, dst: str) -> None:
-        out[f"{dst}.weight"] = take(f"{src}/scale")
-        out[f"{dst}.bias"] = take(f"{src}/bias")
+    def norm(src: str, dst: str, layer: int | None = None) -> None:
+        out[f"{dst}.weight"] = take(f"{src}/scale", layer)
+        out[f"{dst}.bias"] = take(f"{src}/bias", layer)
 
     k = take("embedding/kernel")  # (kh, kw, in, C)
     if k.ndim != 4:
@@ -106,28 +108,38 @@ def from_google_npz(w: dict[str, Tensor]) -> dict[str, Tensor]:
         out["patch_embed.proj.bias"] = take("embedding/bias")
     if "cls" in w:
         out["cls_token"] = take("cls")
-    if "Transformer/posembed_input/pos_embedding" in w:
-        out["pos_embed"] = take("Transformer/posembed_input/pos_embedding")
+    for key in ("Transformer/posembed_input/pos_embedding", "pos_embedding", "Transformer/pos_embedding"):
+        if key in w:
+            out["pos_embed"] = take(key)
+            break
     norm("Transformer/encoder_norm", "norm")
     dense("pre_logits", "pre_logits")
     dense("head", "head")
-    i = 0
-    while f"Transformer/encoderblock_{i}/LayerNorm_0/scale" in w:
-        src, dst = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
-        norm(src + "LayerNorm_0", dst + "norm1")
-        norm(src + ln2, dst + "norm2")
+    if scanned:
+        depth = int(w["Transformer/encoderblock/LayerNorm_0/scale"].shape[0])
+        blocks = [("Transformer/encoderblock/", i) for i in range(depth)]
+    else:
+        depth = 0
+        while f"Transformer/encoderblock_{depth}/LayerNorm_0/scale" in w:
+            depth += 1
+        blocks = [(f"Transformer/encoderblock_{i}/", None) for i in range(depth)]
+    if not blocks:
+        raise CheckpointError("npz has no Transformer/encoderblock_0: not a ViT checkpoint")
+    for i, (src, layer) in enumerate(blocks):
+        dst = f"blocks.{i}."
+        norm(src + "LayerNorm_0", dst + "norm1", layer)
+        norm(src + ln2, dst + "norm2", layer)
         a = src + mha + "/"
-        qkv_w = [take(a + f"{n}/kernel").flatten(1).T for n in ("query", "key", "value")]  # (H*D, C)
+        qkv_w = [take(a + f"{n}/kernel", layer).flatten(1).T for n in ("query", "key", "value")]  # (H*D, C)
         out[dst + "attn.qkv.weight"] = torch.cat(qkv_w, dim=0)
         if a + "query/bias" in w:
-            out[dst + "attn.qkv.bias"] = torch.cat([take(a + f"{n}/bias").flatten() for n in ("query", "key", "value")])
-        out[dst + "attn.proj.weight"] = take(a + "out/kernel").flatten(0, 1).T.contiguous()  # (C, H*D)
-        out[dst + "attn.proj.bias"] = take(a + "out/bias")
-        dense(src + mlp + "/Dense_0", dst + "mlp.fc1")
-        dense(src + mlp + "/Dense_1", dst + "mlp.fc2")
-        i += 1
-    if i == 0:
-        raise CheckpointError("npz has no Transformer/encoderblock_0: not a ViT checkpoint")
+            out[dst + "attn.qkv.bias"] = torch.cat(
+                [take(a + f"{n}/bias", layer).flatten() for n in ("query", "key", "value")]
+            )
+        out[dst + "attn.proj.weight"] = take(a + "out/kernel", layer).flatten(0, 1).T.contiguous()  # (C, H*D)
+        out[dst + "attn.proj.bias"] = take(a + "out/bias", layer)
+        dense(src + mlp + "/Dense_0", dst + "mlp.fc1", layer)
+        dense(src + mlp + "/Dense_1", dst + "mlp.fc2", layer)
     for key in sorted(set(w) - used):  # keep for the strict load's report
         out["npz:" + key] = w[key]
     return out
@@ -135,10 +147,8 @@ def from_google_npz(w: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def google_num_heads(w: dict[str, Tensor]) -> int | None:
     for key, v in w.items():
-        if key.endswith("encoderblock_0/MultiHeadDotProductAttention_1/query/kernel") or key.endswith(
-            "encoderblock_0/MultiHeadDotProductAttention_0/query/kernel"
-        ):
-            return int(v.shape[1])  # (C, H, D)
+        if re.search(r"encoderblock(_0)?/MultiHeadDotProductAttention_[01]/query/kernel$", key):
+            return int(v.shape[-2])  # (C, H, D), or (L, C, H, D) when scanned
     return None
 
 
@@ -243,6 +253,12 @@ def _strip_hf_prefix(key: str) -> str:
 # ---- timm -----------------------------------------------------------------------------------
 
 TIMM_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.", "model.")
+# Names of the original DINOv2 / DeiT-3 code that differ from timm's.
+TIMM_RENAMES = (
+    (re.compile(r"^register_tokens$"), "reg_token"),
+    (re.compile(r"^blocks\.(\d+)\.gamma_1$"), r"blocks.\1.ls1.gamma"),
+    (re.compile(r"^blocks\.(\d+)\.gamma_2$"), r"blocks.\1.ls2.gamma"),
+)
 TIMM_DROPPED = ((re.compile(r"^mask_token$"), "mask token: used only in masked-image pre-training"),)
 TIMM_UNSUPPORTED = (
     (re.compile(r".*attn\.(q_norm|k_norm)\..*"), "QK-norm attention"),
@@ -257,7 +273,56 @@ def from_timm(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     for pat, what in TIMM_UNSUPPORTED:
         if any(pat.match(k) for k in sd):
             raise CheckpointError(f"this checkpoint uses {what}, which ViT Lens does not support yet")
-    return {k: v for k, v in sd.items() if not any(p.match(k) for p, _ in TIMM_DROPPED)}
+    out = {}
+    for k, v in sd.items():
+        if any(p.match(k) for p, _ in TIMM_DROPPED):
+            continue
+        for pat, dst in TIMM_RENAMES:
+            if pat.match(k):
+                k = pat.sub(dst, k)
+                break
+        out[k] = v
+    return out
+
+
+# ---- OpenAI CLIP (and open_clip) image tower ----------------------------------------------------
+
+OPENAI_CLIP_TABLE: tuple[tuple[str, str], ...] = (
+    (r"conv1\.weight", "patch_embed.proj.weight"),
+    (r"ln_pre\.(weight|bias)", r"norm_pre.\1"),
+    (r"ln_post\.(weight|bias)", r"norm.\1"),
+    (r"transformer\.resblocks\.(\d+)\.ln_1\.(weight|bias)", r"blocks.\1.norm1.\2"),
+    (r"transformer\.resblocks\.(\d+)\.ln_2\.(weight|bias)", r"blocks.\1.norm2.\2"),
+    (r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", r"blocks.\1.attn.qkv.\2"),
+    (r"transformer\.resblocks\.(\d+)\.attn\.out_proj\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+    (r"transformer\.resblocks\.(\d+)\.mlp\.c_fc\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
+    (r"transformer\.resblocks\.(\d+)\.mlp\.c_proj\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+)
+
+
+def from_openai_clip(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """OpenAI CLIP / open_clip state dict -> our names. A full CLIP file also holds the text tower:
+    only the keys under 'visual.' are kept (the text tower is not part of the image model)."""
+    sd = strip_common_prefix(sd, ("module.",))
+    if any(k.startswith("visual.") for k in sd):
+        sd = {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")}
+    compiled = [(re.compile(src), dst) for src, dst in OPENAI_CLIP_TABLE]
+    out: dict[str, Tensor] = {}
+    for k, v in sd.items():
+        if k == "class_embedding":
+            out["cls_token"] = v.reshape(1, 1, -1)
+        elif k == "positional_embedding":
+            out["pos_embed"] = v.unsqueeze(0)
+        elif k == "proj":
+            out["proj.weight"] = v.T.contiguous()  # stored (C, E) for x @ proj
+        else:
+            for pat, dst in compiled:
+                if pat.fullmatch(k):
+                    out[pat.sub(dst, k)] = v
+                    break
+            else:
+                out["clip:" + k] = v
+    return out
 
 
 def to_ours(sd: dict[str, Tensor], fmt: str) -> dict[str, Tensor]:
@@ -269,4 +334,6 @@ def to_ours(sd: dict[str, Tensor], fmt: str) -> dict[str, Tensor]:
         return from_hf(sd, clip=True)
     if fmt == "timm":
         return from_timm(sd)
+    if fmt == "openai_clip":
+        return from_openai_clip(sd)
     raise ValueError(f"unknown format {fmt!r}")

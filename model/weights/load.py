@@ -147,7 +147,17 @@ def _read_local(path: Path) -> tuple[dict[str, Tensor], Hints, str]:
             hints.config.setdefault("num_heads", heads)
         hints.config.setdefault("act", "gelu_tanh")  # Flax nn.gelu is the tanh approximation
         hints.family = hints.family or "ViT"
-        hints.pos_resample = hints.pos_resample or "bilinear"
+        hints.pos_resample = hints.pos_resample or "bilinear"  # as the original JAX code resizes
+        # The original evaluation resized straight to the input size (no crop), bilinear, to [-1, 1].
+        hints.preprocessing = hints.preprocessing or Preprocessing(
+            mode="squash", crop_pct=1.0, interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3
+        )
+    elif fmt == "openai_clip":
+        # OpenAI's towers were trained with QuickGELU and LayerNorm eps 1e-5; override "act" for
+        # open_clip towers trained with plain GELU.
+        hints.config.setdefault("act", "quick_gelu")
+        hints.config.setdefault("norm_eps", 1e-5)
+        hints.family = hints.family or "CLIP"
     return tensors, hints, fmt
 
 
@@ -180,6 +190,12 @@ def _build(
     dtype,
 ) -> LoadedModel:
     state = convert.to_ours(tensors, fmt)
+    if hints.family == "CLIP" and "head.weight" in state and "proj.weight" not in state:
+        # timm stores CLIP's projection as a bias-free "head": it gives embeddings, not class logits
+        bias = state.get("head.bias")
+        if bias is None or not bool(bias.abs().max() > 0):
+            state["proj.weight"] = state.pop("head.weight")
+            state.pop("head.bias", None)
     hint_cfg = {**hints.config, **overrides}
     config, src_grid = infer_config(state, hint_cfg)
     # The resolution the model runs at: asked for > config file > the checkpoint's own grid.

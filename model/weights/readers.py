@@ -27,6 +27,9 @@ def read_npz(path: str | Path) -> dict[str, Tensor]:
             out = {}
             for k in data.files:
                 arr = data[k]
+                if arr.dtype.kind == "V" and arr.dtype.itemsize == 2:  # big_vision saves bfloat16 as void
+                    out[k] = torch.from_numpy(arr.view(np.int16).copy()).view(torch.bfloat16).float()
+                    continue
                 if arr.dtype.kind not in "fiub":
                     raise CheckpointError(f"{Path(path).name}: array {k!r} has dtype {arr.dtype}, not numeric")
                 out[k] = torch.from_numpy(np.ascontiguousarray(arr))

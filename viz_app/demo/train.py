@@ -1,0 +1,231 @@
+"""Train the embedded demo ViT on shape scenes, from scratch, on the CPU.
+
+python -m viz_app.demo.train --out runs/demo             # the shipped recipe (see assets/demo/MODEL_CARD.md)
+python -m viz_app.demo.train --out runs/smoke --smoke    # seconds; used by the tests
+
+Every batch is generated from (seed, step), so a run is reproducible and resumes exactly from
+its last checkpoint (runs/<name>/state.pt, written every --ckpt-every steps and on Ctrl-C).
+At the end the weights are exported in ViT Lens format: model.safetensors + config.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from model import Preprocessing, VisionTransformer, ViTConfig
+from viz_app.demo.scenes import CLASSES, make_batch
+
+log = logging.getLogger("viz_app.demo.train")
+MEAN = STD = (0.5, 0.5, 0.5)
+EVAL_SEED = 1_000_003  # held-out scenes for the progress log; the final scores use another seed
+
+
+@dataclass
+class Recipe:
+    image_size: int = 96
+    patch_size: int = 8
+    embed_dim: int = 192
+    depth: int = 6
+    num_heads: int = 3
+    mlp_ratio: int = 4
+    steps: int = 12000
+    batch_size: int = 96
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup: int = 500
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    curriculum: float = 0.35  # share of the steps over which difficulty ramps from 0 to 1
+    seed: int = 0
+    bf16: bool = True
+
+    def config(self) -> ViTConfig:
+        return ViTConfig(
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            embed_dim=self.embed_dim,
+            depth=self.depth,
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_ratio * self.embed_dim,
+            num_classes=len(CLASSES),
+        )
+
+
+SMOKE = dict(
+    image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, steps=30, batch_size=32, warmup=5, lr=3e-3
+)
+
+
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    """(B, S, S, 3) uint8 -> (B, 3, S, S) float32 normalized with MEAN/STD."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+    return (x - 0.5) / 0.5
+
+
+def difficulty_at(step: int, r: Recipe) -> float:
+    ramp = max(1, int(r.curriculum * r.steps))
+    return min(1.0, step / ramp)
+
+
+def lr_at(step: int, r: Recipe) -> float:
+    if step < r.warmup:
+        return r.lr * (step + 1) / r.warmup
+    t = (step - r.warmup) / max(1, r.steps - r.warmup)
+    return r.min_lr + 0.5 * (r.lr - r.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def batch_for(step: int, r: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
+    seq = np.random.SeedSequence([r.seed, step])
+    images, labels, _ = make_batch(seq, r.batch_size, size=r.image_size, difficulty=difficulty_at(step, r))
+    return to_pixels(images), torch.from_numpy(labels)
+
+
+def build(r: Recipe) -> VisionTransformer:
+    torch.manual_seed(r.seed)
+    model = VisionTransformer(r.config())
+    model.init_weights(seed=r.seed)
+    return model
+
+
+def optimizer_for(model: VisionTransformer, r: Recipe) -> torch.optim.Optimizer:
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n and "token" not in n]
+    no_decay = [
+        p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n and "token" not in n)
+    ]
+    groups = [{"params": decay, "weight_decay": r.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=r.lr, betas=(0.9, 0.999))
+
+
+@torch.no_grad()
+def evaluate(model: VisionTransformer, r: Recipe, n: int = 512, seed: int = EVAL_SEED) -> float:
+    model.eval()
+    images, labels, _ = make_batch(seed, n, size=r.image_size, difficulty=1.0)
+    correct = 0
+    for i in range(0, n, 128):
+        x = to_pixels(images[i : i + 128])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=r.bf16):
+            logits = model(x, output_attentions=False).logits
+        correct += int((logits.argmax(-1) == torch.from_numpy(labels[i : i + 128])).sum())
+    model.train()
+    return correct / n
+
+
+def export(model: VisionTransformer, r: Recipe, out: Path, info: dict) -> None:
+    """Weights + config in ViT Lens format (loads through load_checkpoint)."""
+    state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"))
+    pre = Preprocessing(
+        input_size=(r.image_size, r.image_size), crop_pct=1.0, interpolation="bilinear", mean=MEAN, std=STD
+    )
+    config = {
+        "format": "vit-lens",
+        "name": "ViT Lens demo: shape scenes",
+        "family": "ViT",
+        "config": model.config.to_dict(),
+        "preprocessing": pre.to_dict(),
+        "labels": list(CLASSES),
+        "training": {"recipe": asdict(r), **info},
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def train(r: Recipe, out: Path, *, ckpt_every: int = 500, log_every: int = 50, eval_every: int = 1000) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    model = build(r)
+    opt = optimizer_for(model, r)
+    state_path = out / "state.pt"
+    step, elapsed, history = 0, 0.0, []
+    if state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if state["recipe"] != asdict(r):
+            raise SystemExit(f"{state_path} was written by another recipe; use a new --out folder")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, elapsed, history = state["step"], state["elapsed"], state["history"]
+        log.info("resumed at step %d (%.0f s trained)", step, elapsed)
+
+    def save() -> None:
+        tmp = state_path.with_suffix(".tmp")
+        torch.save(
+            {"recipe": asdict(r), "model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+             "elapsed": elapsed, "history": history},
+            tmp,
+        )  # fmt: skip
+        tmp.replace(state_path)
+
+    stop = {"now": False}
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
+    model.train()
+    t_last, seen, loss_sum, correct = time.monotonic(), 0, 0.0, 0
+    try:
+        while step < r.steps and not stop["now"]:
+            x, y = batch_for(step, r)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, r)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=r.bf16):
+                logits = model(x, output_attentions=False).logits
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=r.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            seen += len(y)
+            loss_sum += loss.item() * len(y)
+            correct += int((logits.argmax(-1) == y).sum())
+            now = time.monotonic()
+            if step % log_every == 0 or step == r.steps:
+                elapsed += now - t_last
+                entry = {"step": step, "loss": loss_sum / seen, "train_acc": correct / seen, "lr": lr_at(step - 1, r),
+                         "difficulty": difficulty_at(step - 1, r), "img_s": seen / (now - t_last), "elapsed_s": elapsed}  # fmt: skip
+                if step % eval_every == 0 or step == r.steps:
+                    entry["eval_acc"] = evaluate(model, r)
+                history.append(entry)
+                log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
+                t_last, seen, loss_sum, correct = time.monotonic(), 0, 0.0, 0
+            if step % ckpt_every == 0:
+                save()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        save()
+    if step >= r.steps:
+        export(model, r, out, {"steps": step, "train_time_s": round(elapsed, 1), "history": history})
+    return {"step": step, "elapsed_s": elapsed, "history": history}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m viz_app.demo.train", description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--smoke", action="store_true", help="a seconds-long run of the same code")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    kw = dict(SMOKE) if a.smoke else {}
+    for name in ("steps", "batch_size", "lr", "seed"):
+        if getattr(a, name) is not None:
+            kw[name] = getattr(a, name)
+    result = train(Recipe(**kw), a.out, log_every=5 if a.smoke else 50, eval_every=10 if a.smoke else 1000)
+    return 0 if result["step"] >= Recipe(**kw).steps else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
