@@ -1,4 +1,4 @@
-"""The Streamlit page. Widgets return plain values; views take values and draw."""
+"""The Streamlit page: sidebar choices in, tabs out. Widgets return plain values; views draw."""
 
 from __future__ import annotations
 
@@ -6,99 +6,235 @@ from pathlib import Path
 
 import numpy as np
 import streamlit as st
-import torch
 
-from model import ViTConfig, ViTLensError, load_checkpoint, load_image, prepare_image
+from model import PRETRAINED, ViTLensError, available_devices
 from model.preprocess import ImageError
-from model.vit import VisionTransformer
 from model.weights.load import DEMO_DIR, LoadedModel
+from viz_app import cache, views
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
-RANDOM_MODEL = "random ViT-S/16 (untrained)"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+EXAMPLES = ASSETS / "examples"
+SCENES = DEMO_DIR / "scenes"
+IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif"]
+CHECKPOINT_TYPES = ["npz", "pth", "pt", "bin", "safetensors"]
+MODEL_KINDS = ("Embedded demo", "Pretrained (download)", "Upload a checkpoint", "Path or hub id")
+FALLBACK_SOURCE = "vit_b16_augreg"
 
 
-@st.cache_resource(max_entries=4, show_spinner=False)
-def get_model(source: str) -> LoadedModel:
-    if source == RANDOM_MODEL:
-        from model.config import Preprocessing
-        from model.weights.load import _labels_for
+def gallery() -> dict[str, Path]:
+    items = {f"photo: {p.stem}": p for p in sorted(EXAMPLES.glob("*.jpg"))}
+    items.update({f"scene: {p.stem}": p for p in sorted(SCENES.glob("*.png")) if not p.stem.endswith("_mask")})
+    return items
 
-        config = ViTConfig(embed_dim=384, num_heads=6, mlp_dim=1536, num_classes=1000)
-        model = VisionTransformer(config)
-        model.init_weights(seed=0)
-        return LoadedModel(
-            model=model.eval().requires_grad_(False),
-            config=config,
-            preprocessing=Preprocessing(),
-            labels=_labels_for(config, None),
-            family="ViT",
-            source=source,
-            format="random",
-            name=source,
+
+def demo_available() -> bool:
+    return (DEMO_DIR / "config.json").is_file()
+
+
+def init_state() -> None:
+    """Every session-state key, initialized in one guarded place."""
+    defaults = {
+        "model_source": "demo" if demo_available() else cache.RANDOM_SOURCE,
+        "good_source": None,
+        "compare_source": None,
+        "good_image": None,  # (digest, bytes, name) of the last image that decoded
+        "upload_sources": {},
+    }
+    for key, value in defaults.items():
+        st.session_state.setdefault(key, value)
+
+
+# ---- sidebar -----------------------------------------------------------------------------------
+
+
+def model_picker(prefix: str, *, allow_demo: bool = True) -> str | None:
+    """Model-choosing widgets; returns a source only when the user has asked for one."""
+    kinds = MODEL_KINDS if allow_demo and demo_available() else MODEL_KINDS[1:]
+    kind = st.radio("Model", kinds, key=f"{prefix}_kind")
+    if kind == "Embedded demo":
+        return "demo"
+    if kind == "Pretrained (download)":
+        key = st.selectbox(
+            "Pretrained model",
+            list(PRETRAINED),
+            format_func=lambda k: f"{PRETRAINED[k].title} ({PRETRAINED[k].size_mb} MB)",
+            key=f"{prefix}_pretrained",
         )
-    return load_checkpoint(source)
+        src = PRETRAINED[key]
+        st.caption(f"{src.source}. Downloaded once into the Hugging Face cache, only when you press the button.")
+        if st.button(f"Download and load ({src.size_mb} MB)", key=f"{prefix}_download"):
+            return key
+        return None
+    if kind == "Upload a checkpoint":
+        up = st.file_uploader("Checkpoint file", type=CHECKPOINT_TYPES, key=f"{prefix}_ckpt")
+        if up is None:
+            return None
+        data = up.getvalue()
+        sources = st.session_state["upload_sources"]
+        d = cache.digest(data)
+        if d not in sources:
+            sources[d] = cache.save_upload(up.name, data)
+        return sources[d]
+    text = st.text_input(
+        "Checkpoint path or hub id", key=f"{prefix}_path", placeholder="hf-hub:timm/... or /path/model.pth"
+    )
+    if st.button("Load", key=f"{prefix}_load") and text.strip():
+        return text.strip()
+    return None
 
 
-def overlay(view: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    import cv2
+def image_picker() -> tuple[str, bytes, str] | None:
+    """-> (digest, bytes, name) of the chosen image, or None."""
+    how = st.radio("Image", ["Example", "Upload", "Camera"], horizontal=True, key="img_kind")
+    if how == "Example":
+        items = gallery()
+        name = st.selectbox("Example", list(items), key="img_example")
+        data = items[name].read_bytes()
+    elif how == "Upload":
+        up = st.file_uploader("Image file", type=IMAGE_TYPES, key="img_upload")
+        if up is None:
+            return None
+        name, data = up.name, up.getvalue()
+    else:
+        shot = st.camera_input("Camera", key="img_camera")
+        if shot is None:
+            return None
+        name, data = "camera.jpg", shot.getvalue()
+    return cache.digest(data), data, name
 
-    h = (heat - heat.min()) / (np.ptp(heat) + 1e-12)
-    h = cv2.resize(h.astype(np.float32), (view.shape[1], view.shape[0]), interpolation=cv2.INTER_NEAREST)
-    color = cv2.applyColorMap((h * 255).astype(np.uint8), cv2.COLORMAP_INFERNO)[..., ::-1]
-    return (view * (1 - alpha) + color * alpha).astype(np.uint8)
+
+def load_model(source: str, device: str, dtype: str) -> LoadedModel | None:
+    with st.spinner(f"Loading {PRETRAINED[source].title if source in PRETRAINED else source}..."):
+        try:
+            return cache.get_model(source, device, dtype)
+        except (ViTLensError, ValueError, OSError) as e:
+            st.error(f"Could not load the model: {e}")
+            return None
 
 
-def grid_lines(view: np.ndarray, patch: int) -> np.ndarray:
-    out = view.copy()
-    out[::patch, :] = 255
-    out[:, ::patch] = 255
-    return out
+def model_card(lm: LoadedModel) -> None:
+    c, p = lm.config, lm.preprocessing
+    prefix = ", ".join(c.prefix_names[:3]) + (f" + {c.num_registers} registers" if c.num_registers else "")
+    if c.num_registers:
+        prefix = ", ".join(n for n in c.prefix_names if not n.startswith("reg")) + f" + {c.num_registers} registers"
+    st.markdown(
+        f"**{lm.name}**  \n"
+        f"family: {lm.family} ({lm.format})  \n"
+        f"patch {c.patch_size} px, input {c.image_size[1]}x{c.image_size[0]}, grid {c.grid[0]}x{c.grid[1]}  \n"
+        f"prefix tokens: {prefix or 'none'}  \n"
+        f"{c.depth} layers x {c.num_heads} heads, width {c.embed_dim}, {lm.model.num_params() / 1e6:.1f} M parameters  \n"
+        f"classes: {c.num_classes or 'none (features)'}  \n"
+        f"preprocessing: {p.mode} {p.interpolation}, crop {p.crop_pct:.3g}, mean {tuple(round(v, 3) for v in p.mean)}, "
+        f"std {tuple(round(v, 3) for v in p.std)}"
+    )
+
+
+# ---- main --------------------------------------------------------------------------------------
 
 
 def main() -> None:
-    st.set_page_config(page_title="ViT Lens", layout="wide")
-    st.title("ViT Lens")
-    default = "demo" if (DEMO_DIR / "config.json").is_file() else RANDOM_MODEL
-    source = st.sidebar.text_input("Model (path, hub id or 'demo')", value=default, key="model_source")
-    try:
-        lm = get_model(source)
-    except ViTLensError as e:
-        st.error(str(e))
-        st.stop()
-    c = lm.config
-    st.sidebar.write(
-        f"**{lm.name}** - {lm.family}, patch {c.patch_size}, grid {c.grid[0]}x{c.grid[1]}, "
-        f"{c.depth} layers x {c.num_heads} heads, prefix tokens: {', '.join(c.prefix_names) or 'none'}"
-    )
-    examples = sorted(p.name for p in EXAMPLES.glob("*.jpg"))
-    upload = st.sidebar.file_uploader("Image", type=["png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif"])
-    choice = st.sidebar.selectbox("or an example", examples, key="example")
-    try:
-        img = load_image(upload.getvalue(), name=upload.name) if upload else load_image(EXAMPLES / choice)
-    except ImageError as e:
-        st.error(str(e))
-        st.stop()
-    prepared = prepare_image(img, lm.preprocessing)
-    with torch.inference_mode():
-        out = lm.model(prepared.pixels[None].to(lm.device, lm.dtype))
-    layer = st.slider("Layer", 1, c.depth, c.depth, key="layer")
-    attn = out.attentions[layer - 1][0].float().mean(0)  # (T, T), mean over heads
-    P = c.num_prefix_tokens
-    cls_map = (
-        attn[0, P:].reshape(c.grid).cpu().numpy()
-        if c.class_token
-        else attn[P:, P:].mean(0).reshape(c.grid).cpu().numpy()
-    )
-    left, right = st.columns(2)
-    left.image(grid_lines(prepared.view, c.patch_size), caption="What the model sees, with its patch grid")
-    right.image(overlay(prepared.view, cls_map), caption=f"Class-token attention, layer {layer}, mean of heads")
-    if out.logits is not None:
-        probs = out.logits[0].float().softmax(-1)
-        top = probs.topk(min(5, probs.numel()))
-        names = lm.labels or [str(i) for i in range(probs.numel())]
-        st.table(
-            {
-                "class": [names[i] for i in top.indices.tolist()],
-                "probability": [f"{p:.3f}" for p in top.values.tolist()],
-            }
+    st.set_page_config(page_title="ViT Lens", layout="wide", page_icon=":eyes:")
+    init_state()
+    ss = st.session_state
+    with st.sidebar:
+        st.title("ViT Lens")
+        asked = model_picker("main")
+        if asked is not None:
+            ss["model_source"] = asked
+        devices = available_devices()
+        device = st.selectbox("Device", devices, key="device")
+        dtypes = ["fp32", "bf16"] + (["fp16"] if device != "cpu" else [])
+        dtype = st.selectbox("Precision", dtypes, key="dtype", help="bf16 is fast on CPUs with AMX and on GPUs")
+    source = ss["model_source"]
+    if source is None:
+        st.info(
+            "Choose a model in the sidebar: a pretrained one (downloaded when you ask), a checkpoint file, or a path."
         )
+        st.stop()
+    lm = load_model(source, device, dtype)
+    if lm is None and ss["good_source"] not in (None, source):
+        st.warning("Showing the previous model.")
+        source = ss["good_source"]
+        ss["model_source"] = source
+        lm = load_model(source, device, dtype)
+    if lm is None:
+        st.stop()
+    ss["good_source"] = source
+    with st.sidebar:
+        with st.expander("Model card", expanded=False):
+            model_card(lm)
+        picked = image_picker()
+    image = None
+    if picked is not None:
+        digest, data, name = picked
+        try:
+            image = cache.decode_image(digest, data, name)
+            ss["good_image"] = picked
+        except ImageError as e:
+            st.error(str(e))
+    if image is None and ss["good_image"] is not None:
+        digest, data, name = ss["good_image"]
+        st.caption(f"Showing the last good image ({name}).")
+        image = cache.decode_image(digest, data, name)
+    if image is None:
+        st.info("Choose or upload an image in the sidebar.")
+        st.stop()
+    result = cache.get_result(source, device, dtype, digest, image)
+    ctx = views.Ctx(lm=lm, result=result, original=image, source=source, device=device, dtype=dtype, digest=digest)
+    tabs = st.tabs(["Overview", "Heads", "Rollout", "Embeddings", "Attention distance", "Compare", "Download"])
+    with tabs[0]:
+        views.overview(ctx)
+    with tabs[1]:
+        views.heads(ctx)
+    with tabs[2]:
+        views.rollout(ctx)
+    with tabs[3]:
+        views.embeddings(ctx)
+    with tabs[4]:
+        views.distance(ctx, lambda conv: example_mad(source, device, dtype, conv))
+    with tabs[5]:
+        compare_tab(ctx, device, dtype)
+    with tabs[6]:
+        views.download(ctx, settings=view_settings())
+
+
+SETTING_PREFIXES = ("ov_", "hd_", "ro_", "pe_", "md_", "cmp_")
+
+
+def view_settings() -> dict:
+    """The view settings of this session, JSON-ready (for the analysis download)."""
+    out = {}
+    for key, value in st.session_state.items():
+        if not str(key).startswith(SETTING_PREFIXES):
+            continue
+        if isinstance(value, (bool, int, float, str)):
+            out[str(key)] = value
+        elif isinstance(value, (tuple, list)) and all(isinstance(v, (int, float)) for v in value):
+            out[str(key)] = list(value)
+    return dict(sorted(out.items()))
+
+
+def example_mad(source: str, device: str, dtype: str, conv: str) -> tuple[np.ndarray, int]:
+    mads = []
+    for path in gallery().values():
+        data = path.read_bytes()
+        d = cache.digest(data)
+        r = cache.get_result(source, device, dtype, d, cache.decode_image(d, data, path.name))
+        mads.append(r.mad if conv == "as_is" else r.mad_renorm)
+    return np.mean(mads, axis=0), len(mads)
+
+
+def compare_tab(ctx: views.Ctx, device: str, dtype: str) -> None:
+    ss = st.session_state
+    with st.expander("Second model", expanded=ss["compare_source"] is None):
+        asked = model_picker("cmp")
+        if asked is not None:
+            ss["compare_source"] = asked
+    other = other_result = None
+    name = ""
+    if ss["compare_source"] is not None:
+        other = load_model(ss["compare_source"], device, dtype)
+        if other is not None:
+            name = other.name
+            other_result = cache.get_result(ss["compare_source"], device, dtype, ctx.digest, ctx.original)
+    views.compare(ctx, other, other_result, name)

@@ -58,7 +58,7 @@ def load_checkpoint(
     *,
     image_size: int | tuple[int, int] | None = None,
     pos_resample: str | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     dtype: str | torch.dtype = "fp32",
     overrides: dict | None = None,
     cache_dir: str | Path | None = None,
@@ -76,13 +76,13 @@ def load_checkpoint(
     """
     src = str(source)
     name = src
+    curated = PRETRAINED.get(src)
     if src == "demo":
         if not (DEMO_DIR / "config.json").is_file():
             raise CheckpointError("the embedded demo model is not installed (assets/demo/ is missing)")
         src = str(DEMO_DIR)
-    elif src in PRETRAINED:
-        name = PRETRAINED[src].title
-        src = PRETRAINED[src].source
+    elif curated is not None:
+        name, src = curated.title, curated.source
     path = Path(src).expanduser()
     if path.exists():
         tensors, hints, fmt = _read_local(path)
@@ -92,6 +92,9 @@ def load_checkpoint(
             raise CheckpointError(f"{src!r} is not a valid hub id (expected org/name)")
         folder = download_repo(repo, cache_dir=cache_dir, endpoint=endpoint, progress=progress)
         tensors, hints, fmt = _read_local(folder)
+        if curated is not None:  # the curated table states the preprocessing these weights expect
+            hints.preprocessing = curated.preprocessing
+            hints.family = curated.family
     else:
         raise CheckpointError(f"no such file or folder, and not a hub id: {src}")
     if progress:

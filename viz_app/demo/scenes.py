@@ -60,6 +60,8 @@ def _background(rng: np.random.Generator, S: int, difficulty: float) -> np.ndarr
     angle = rng.uniform(0, 2 * np.pi)
     t = (np.cos(angle) * (xx - 0.5) + np.sin(angle) * (yy - 0.5)) + 0.5
     c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    grey = 0.5 * (1 - difficulty)  # easy scenes: washed-out, mid-grey backgrounds
+    c0, c1 = (1 - grey) * c0 + grey * 128, (1 - grey) * c1 + grey * 128
     gradient = c0 + (c1 - c0) * np.clip(t, 0, 1)[..., None]
     cells = int(rng.integers(2, 6))
     noise = cv2.resize(rng.uniform(0, 255, (cells, cells, 3)).astype(np.float32), (S, S), interpolation=cv2.INTER_CUBIC)
@@ -169,9 +171,12 @@ def _draw_distractor(rng: np.random.Generator, S: int, size: float) -> np.ndarra
     return mask.astype(bool)
 
 
-def _colour_for(rng: np.random.Generator, bg: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """A palette colour that stands out from the background under the mask."""
+def _colour_for(rng: np.random.Generator, bg: np.ndarray, mask: np.ndarray, difficulty: float = 1.0) -> np.ndarray:
+    """A palette colour that stands out from the background under the mask. Below full
+    difficulty, some shapes are plain black or white (the easiest contrast to learn from)."""
     under = bg[mask].mean(0) if mask.any() else bg.reshape(-1, 3).mean(0)
+    if rng.random() >= difficulty:
+        return np.zeros(3) if under.mean() > 127 else np.full(3, 255.0)
     dist = np.linalg.norm(PALETTE - under, axis=1)
     ok = np.flatnonzero(dist >= MIN_CONTRAST)
     pool = ok if ok.size else np.argsort(-dist)[:3]
@@ -191,12 +196,12 @@ def make_scene(rng: np.random.Generator, *, size: int = 96, difficulty: float = 
     n_distract = int(rng.integers(0, int(round(3 * difficulty)) + 1))
     for _ in range(n_distract):
         dmask = _draw_distractor(rng, S, rng.uniform(SIZE_RANGE[0], SIZE_RANGE[1]) * S)
-        img[dmask] = _colour_for(rng, img, dmask)
+        img[dmask] = _colour_for(rng, img, dmask, difficulty)
     extent = rng.uniform(lo, hi) * S
     r = extent / 2
     centre = rng.uniform(r + 1, S - r - 1, 2)
-    mask = _draw_target(CLASSES[label], S, r, centre, rng.uniform(0, 2 * np.pi))
-    img[mask] = _colour_for(rng, img, mask)
+    mask = _draw_target(CLASSES[label], S, r, centre, rng.uniform(0, 2 * np.pi) * difficulty)  # easy: upright
+    img[mask] = _colour_for(rng, img, mask, difficulty)
     return Scene(image=np.round(img).astype(np.uint8), label=label, mask=mask)
 
 

@@ -1,0 +1,186 @@
+"""AppTest: every tab and control renders, and what the page shows matches viz_app's functions."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from streamlit.testing.v1 import AppTest
+
+from model import VisionTransformer, ViTConfig, load_checkpoint, load_image, prepare_image
+from viz_app import analysis as A
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = str(ROOT / "streamlit_app.py")
+EXAMPLE = ROOT / "assets" / "examples" / "chelsea.jpg"
+TIMEOUT = 300
+
+
+def decode(value):
+    """plotly arrays arrive base64-typed: {'dtype': 'f8', 'bdata': ..., 'shape': '4, 4'}."""
+    if isinstance(value, dict) and "bdata" in value:
+        arr = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
+        shape = value.get("shape")
+        if shape:
+            arr = arr.reshape([int(s) for s in str(shape).split(",")])
+        return arr
+    return np.asarray(value, dtype=float)
+
+
+def chart(at: AppTest, key: str) -> dict:
+    for el in at.get("plotly_chart"):
+        spec = json.loads(el.proto.spec)
+        if el.proto.id and key in el.proto.id:
+            return spec
+    raise KeyError(key)
+
+
+def charts(at: AppTest) -> list[dict]:
+    return [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+
+
+def heatmap_with_title(at: AppTest, text: str) -> np.ndarray:
+    for spec in charts(at):
+        title = spec.get("layout", {}).get("title", {})
+        title = title.get("text", "") if isinstance(title, dict) else str(title)
+        if text in title:
+            return decode(spec["data"][0]["z"])
+    raise KeyError(text)
+
+
+@pytest.fixture(scope="module")
+def vit_b16(tmp_path_factory) -> Path:
+    """A random checkpoint with the ViT-B/16 shape (86 M parameters), timm layout."""
+    model = VisionTransformer(ViTConfig(num_classes=1000))
+    model.init_weights(seed=0)
+    path = tmp_path_factory.mktemp("b16") / "vit_b16.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def run_app() -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def load_path(at: AppTest, path: Path, prefix: str = "main") -> AppTest:
+    at.radio(key=f"{prefix}_kind").set_value("Path or hub id").run()
+    at.text_input(key=f"{prefix}_path").set_value(str(path)).run()
+    at.button(key=f"{prefix}_load").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def no_problems(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def test_default_page_has_every_tab():
+    at = run_app()
+    no_problems(at)
+    assert [t.label for t in at.tabs] == [
+        "Overview", "Heads", "Rollout", "Embeddings", "Attention distance", "Compare", "Download",
+    ]  # fmt: skip
+    assert len(at.get("image")) >= 5
+
+
+def test_vit_b16_views_match_the_functions(vit_b16):
+    at = load_path(run_app(), vit_b16)
+    no_problems(at)
+    lm = load_checkpoint(vit_b16)
+    # the example shown by default
+    name = at.selectbox(key="img_example").value
+    path = next(p for p in (ROOT / "assets" / "examples").glob("*.jpg") if name.endswith(p.stem))
+    x = prepare_image(load_image(path), lm.preprocessing).pixels[None]
+    with torch.no_grad():
+        attn = torch.stack(lm.model(x).attentions, 1)
+    c = lm.config
+    # Heads: a patch query, layer 3, head 5
+    at.radio(key="hd_mode").set_value("patch").run()
+    at.number_input(key="hd_row").set_value(4).run()
+    at.number_input(key="hd_col").set_value(9).run()
+    at.slider(key="hd_layer").set_value(3).run()
+    at.selectbox(key="hd_head").set_value(5).run()
+    no_problems(at)
+    shown = heatmap_with_title(at, "Layer 3, head 5")
+    q = c.num_prefix_tokens + 4 * c.grid[1] + 9
+    want = A.attention_maps(attn[0, 2, 5], query=q, num_prefix=1, grid=c.grid).numpy()
+    np.testing.assert_allclose(shown, want, atol=1e-5)
+    rev = heatmap_with_title(at, "Who attends to patch")
+    np.testing.assert_allclose(
+        rev, A.attention_to_patch(attn[0, 2, 5], num_prefix=1, grid=c.grid, patch=4 * 14 + 9).numpy(), atol=1e-5
+    )
+    mad = heatmap_with_title(at, "Mean attention distance")
+    want_mad = A.mean_attention_distance(attn[0], num_prefix=1, grid=c.grid, patch_size=16).numpy()
+    np.testing.assert_allclose(mad, want_mad, rtol=1e-4)
+    # Embeddings: the large tile is a row of the position similarity
+    at.number_input(key="pe_row").set_value(2).run()
+    at.number_input(key="pe_col").set_value(11).run()
+    tile = heatmap_with_title(at, "Similarity to patch (2, 11)")
+    sim = A.position_similarity(lm.model.pos_embed[0, 1:].float()).numpy()
+    np.testing.assert_allclose(tile.ravel(), sim[2 * 14 + 11], atol=1e-5)
+
+
+def test_rollout_and_distance_controls(vit_b16):
+    at = load_path(run_app(), vit_b16)
+    at.selectbox(key="ro_fusion").set_value("max").run()
+    at.slider(key="ro_discard").set_value(0.5).run()
+    at.slider(key="ro_layers").set_value((2, 10)).run()
+    at.selectbox(key="ro_readout").set_value("patches").run()
+    at.selectbox(key="ro_class").set_value(7).run()
+    at.selectbox(key="ro_up").set_value("paper").run()
+    at.selectbox(key="ro_cmap").set_value("viridis").run()
+    at.radio(key="md_conv").set_value("renormalized").run()
+    at.toggle(key="ov_original").set_value(True).run()
+    at.toggle(key="hd_drop").set_value(True).run()
+    no_problems(at)
+    at.button(key="md_examples").click().run()
+    no_problems(at)
+    titles = [str(s.get("layout", {}).get("title", {})) for s in charts(at)]
+    assert any("Mean over" in t for t in titles)
+
+
+def test_compare_two_models(vit_b16, tmp_path):
+    other = VisionTransformer(
+        ViTConfig(image_size=160, patch_size=16, embed_dim=192, depth=3, num_heads=3, mlp_dim=384)
+    )
+    other.init_weights(seed=1)
+    path = tmp_path / "small.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
+    at = load_path(run_app(), vit_b16)
+    at = load_path(at, path, prefix="cmp")
+    no_problems(at)
+    at.selectbox(key="cmp_method").set_value("bilinear").run()
+    no_problems(at)
+    decay = [s for s in charts(at) if "decay" in str(s.get("layout", {}).get("title", ""))]
+    assert len(decay) == 1 and len(decay[0]["data"]) == 2
+
+
+def test_bad_image_then_good_image():
+    at = run_app()
+    at.radio(key="img_kind").set_value("Upload").run()
+    at.get("file_uploader")[-1].set_value(("notes.png", b"this is not a png", "image/png")).run()
+    assert not at.exception
+    assert any("not an image" in e.value or "damaged" in e.value for e in at.error)
+    buf = io.BytesIO()
+    Image.open(EXAMPLE).save(buf, format="PNG")
+    at.get("file_uploader")[-1].set_value(("cat.png", buf.getvalue(), "image/png")).run()
+    no_problems(at)
+
+
+def test_bad_checkpoint_keeps_the_previous_model(tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"\x80\x04not a checkpoint")
+    at = load_path(run_app(), bad)
+    assert not at.exception
+    assert any("Could not load" in e.value for e in at.error)
+    assert len(at.tabs) == 7  # still showing the previous model

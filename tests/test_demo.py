@@ -1,0 +1,80 @@
+"""The demo task: scene generator properties and a smoke-sized training run."""
+
+import json
+
+import numpy as np
+import pytest
+
+from model import load_checkpoint
+from viz_app.demo import evaluate as ev
+from viz_app.demo.scenes import CLASSES, make_batch, make_scene
+from viz_app.demo.train import main as train_main
+
+
+def test_masks_match_drawn_pixels():
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        s = make_scene(rng, size=96, difficulty=1.0)
+        assert s.mask.any() and s.mask.dtype == bool
+        colours = np.unique(s.image[s.mask].reshape(-1, 3), axis=0)
+        assert len(colours) == 1  # the target is one solid colour, on top of everything
+        # the target's colour stands out from what surrounds it
+        ring = np.zeros_like(s.mask)
+        ys, xs = np.nonzero(s.mask)
+        ring[max(0, ys.min() - 3) : ys.max() + 4, max(0, xs.min() - 3) : xs.max() + 4] = True
+        ring &= ~s.mask
+        diff = np.abs(s.image[ring].astype(int) - colours[0].astype(int)).sum(1)
+        assert (diff > 0).mean() > 0.5
+
+
+def test_target_fully_inside_and_sized():
+    for seed in range(30):
+        s = make_scene(np.random.default_rng(seed), size=96)
+        ys, xs = np.nonzero(s.mask)
+        assert ys.min() > 0 and xs.min() > 0 and ys.max() < 95 and xs.max() < 95
+        extent = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
+        assert 0.09 * 96 <= extent <= 0.47 * 96  # 15-45 % of the side as bounding diameter
+
+
+def test_classes_balanced_and_seeded():
+    imgs, labels, masks = make_batch(123, 80)
+    assert np.bincount(labels, minlength=len(CLASSES)).tolist() == [10] * 8
+    imgs2, labels2, masks2 = make_batch(123, 80)
+    assert np.array_equal(imgs, imgs2) and np.array_equal(labels, labels2) and np.array_equal(masks, masks2)
+    imgs3, _, _ = make_batch(124, 80)
+    assert not np.array_equal(imgs, imgs3)
+    with pytest.raises(ValueError):
+        make_scene(np.random.default_rng(0), difficulty=2.0)
+
+
+def test_smoke_training_loss_goes_down_and_exports(tmp_path):
+    out = tmp_path / "run"
+    assert train_main(["--out", str(out), "--smoke"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    hist = cfg["training"]["history"]
+    first, last = hist[0]["loss"], min(h["loss"] for h in hist[-3:])
+    assert last < first - 0.3, (first, last)
+    lm = load_checkpoint(out)
+    assert lm.labels == list(CLASSES) and lm.config.num_classes == 8
+    s = ev.score(lm, n=40, batch=20)
+    assert 0 <= s["top1_accuracy"] <= 1 and set(s["pointing"]) == set(ev.MAPS)
+
+
+def test_resume_continues_from_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    assert train_main(["--out", str(out), "--smoke", "--steps", "20"]) == 0
+    state_a = (out / "model.safetensors").read_bytes()
+    # a second call with the same recipe finds the finished state and does no new steps
+    assert train_main(["--out", str(out), "--smoke", "--steps", "20"]) == 0
+    assert (out / "model.safetensors").read_bytes() == state_a
+
+
+def test_scoring_primitives():
+    masks = np.zeros((2, 16, 16), bool)
+    masks[0, :8, :8] = True
+    masks[1, 8:, 8:] = True
+    pm = ev.patch_masks(masks, 8)
+    assert pm.shape == (2, 2, 2) and pm[0, 0, 0] == 1 and pm[1, 1, 1] == 1
+    maps = np.array([[[1.0, 0], [0, 0]], [[1.0, 0], [0, 0]]])
+    assert ev.pointing(maps, pm).tolist() == [True, False]
+    assert ev.energy(maps, pm).tolist() == [4.0, 0.0]

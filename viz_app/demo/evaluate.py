@@ -1,0 +1,171 @@
+"""Ground-truth scores of the demo model on freshly generated shape scenes.
+
+python -m viz_app.demo.evaluate [--model demo] [--scenes 2000] [--json scores.json]
+
+Every map is scored the same way: the pointing game (does the map's argmax patch overlap the
+target mask?) and energy (map mass inside the mask divided by the mask's share of the image).
+Maps: attention rollout (paper settings, the same code the app shows), last-layer class-token
+attention (mean of heads), gradient rollout for the true class, a centre prior, a random map,
+and the rollout of the same architecture with re-initialized weights (Adebayo et al. 2018).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model import load_checkpoint
+from model.vit import VisionTransformer
+from model.weights.load import LoadedModel
+from viz_app import analysis as A
+from viz_app.demo.scenes import make_batch
+from viz_app.demo.train import to_pixels
+from viz_app.pipeline import run_forward
+
+TEST_SEED = 7_777_777  # never used in training (training batches use SeedSequence([seed, step]))
+MAPS = ("rollout", "last_layer_cls", "grad_rollout", "centre_prior", "random", "reinit_rollout")
+
+
+def patch_masks(masks: np.ndarray, patch: int) -> np.ndarray:
+    """(B, S, S) bool -> (B, gh, gw): share of each patch's pixels inside the mask."""
+    B, S, _ = masks.shape
+    g = S // patch
+    return masks[:, : g * patch, : g * patch].reshape(B, g, patch, g, patch).mean(axis=(2, 4))
+
+
+def pointing(maps: np.ndarray, pmask: np.ndarray) -> np.ndarray:
+    """(B, gh, gw) each -> (B,) bool: the argmax patch overlaps the mask."""
+    flat = maps.reshape(len(maps), -1)
+    idx = flat.argmax(axis=1)
+    return pmask.reshape(len(maps), -1)[np.arange(len(maps)), idx] > 0
+
+
+def energy(maps: np.ndarray, pmask: np.ndarray) -> np.ndarray:
+    """(B,) share of the (non-negative) map's mass inside the mask / the mask's share of the image."""
+    m = np.clip(maps.reshape(len(maps), -1), 0, None)
+    w = pmask.reshape(len(maps), -1)
+    inside = (m * w).sum(1) / np.maximum(m.sum(1), 1e-12)
+    return inside / np.maximum(w.mean(1), 1e-12)
+
+
+def centre_prior(grid: tuple[int, int]) -> np.ndarray:
+    gh, gw = grid
+    yy, xx = np.mgrid[0:gh, 0:gw]
+    return -np.hypot(yy - (gh - 1) / 2, xx - (gw - 1) / 2)
+
+
+def reinitialized(lm: LoadedModel, seed: int = 0) -> VisionTransformer:
+    model = VisionTransformer(lm.config)
+    model.init_weights(seed=seed)
+    return model.to(lm.device).eval().requires_grad_(False)
+
+
+@dataclass
+class SceneMaps:
+    labels: np.ndarray
+    preds: np.ndarray
+    pmask: np.ndarray
+    maps: dict[str, np.ndarray]
+
+
+def scene_maps(lm: LoadedModel, images: np.ndarray, labels: np.ndarray, masks: np.ndarray, reinit, rng) -> SceneMaps:
+    c = lm.config
+    kw = dict(num_prefix=c.num_prefix_tokens, grid=c.grid, readout_tokens=c.readout_tokens)
+    x = to_pixels(images).to(lm.device, lm.dtype)
+    fwd = run_forward(lm.model, x, gradients=True, target=torch.from_numpy(labels))
+    rand = run_forward(reinit, x.float())
+    maps = {
+        "rollout": A.attention_rollout(fwd.attentions, **kw),
+        "last_layer_cls": A.attention_maps(fwd.attentions[:, -1], **kw).mean(1),
+        "grad_rollout": A.gradient_rollout(fwd.attentions, fwd.grads, **kw),
+        "reinit_rollout": A.attention_rollout(rand.attentions, **kw),
+    }
+    maps = {k: v.cpu().numpy() for k, v in maps.items()}
+    maps["centre_prior"] = np.broadcast_to(centre_prior(c.grid), (len(images), *c.grid))
+    maps["random"] = rng.random((len(images), *c.grid))
+    return SceneMaps(labels, fwd.logits.argmax(-1).cpu().numpy(), patch_masks(masks, c.patch_size), maps)
+
+
+def score(lm: LoadedModel, *, n: int = 2000, seed: int = TEST_SEED, batch: int = 100) -> dict:
+    """All ground-truth scores on n fresh scenes (difficulty 1, the full task)."""
+    c = lm.config
+    reinit = reinitialized(lm)
+    rng = np.random.default_rng(seed)
+    correct, hits, energies = 0, {k: [] for k in MAPS}, {k: [] for k in MAPS}
+    for i in range(0, n, batch):
+        images, labels, masks = make_batch(np.random.SeedSequence([seed, i]), min(batch, n - i), size=c.image_size[0])
+        sm = scene_maps(lm, images, labels, masks, reinit, rng)
+        correct += int((sm.preds == sm.labels).sum())
+        for k, m in sm.maps.items():
+            hits[k].append(pointing(m, sm.pmask))
+            energies[k].append(energy(m, sm.pmask))
+    pos = lm.model.pos_embed.detach().float().cpu()[0, c.pos_embed_prefix :]
+    sim = A.position_similarity(pos)
+    return {
+        "scenes": n,
+        "seed": seed,
+        "top1_accuracy": correct / n,
+        "pointing": {k: float(np.concatenate(v).mean()) for k, v in hits.items()},
+        "energy": {k: float(np.concatenate(v).mean()) for k, v in energies.items()},
+        "pos_embed_neighbour_contrast": A.neighbour_contrast(sim, c.grid, far=4),
+    }
+
+
+TARGETS = {
+    "top1_accuracy": 0.95,
+    "pointing.rollout": 0.90,
+    "energy.rollout": 4.0,
+    "pos_embed_neighbour_contrast": 0.2,
+}
+
+
+def check_targets(s: dict) -> dict[str, bool]:
+    out = {
+        "top1_accuracy": s["top1_accuracy"] >= TARGETS["top1_accuracy"],
+        "pointing.rollout": s["pointing"]["rollout"] >= TARGETS["pointing.rollout"],
+        "energy.rollout": s["energy"]["rollout"] >= TARGETS["energy.rollout"],
+        "pos_embed_neighbour_contrast": s["pos_embed_neighbour_contrast"] >= TARGETS["pos_embed_neighbour_contrast"],
+        "trained beats re-initialized by 0.4 (pointing)": s["pointing"]["rollout"] - s["pointing"]["reinit_rollout"]
+        >= 0.4,
+    }
+    return out
+
+
+def format_scores(s: dict) -> str:
+    lines = [f"scenes: {s['scenes']} (seed {s['seed']})", f"top-1 accuracy: {s['top1_accuracy']:.4f}", ""]
+    lines.append(f"{'map':<16} {'pointing':>9} {'energy':>8}")
+    for k in MAPS:
+        lines.append(f"{k:<16} {s['pointing'][k]:>9.4f} {s['energy'][k]:>8.3f}")
+    lines.append("")
+    lines.append(
+        f"position-embedding neighbour contrast (neighbours - 4+ apart): {s['pos_embed_neighbour_contrast']:.4f}"
+    )
+    lines.append("")
+    for k, ok in check_targets(s).items():
+        lines.append(f"{'PASS' if ok else 'FAIL'}  {k}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m viz_app.demo.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="demo")
+    p.add_argument("--scenes", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=TEST_SEED)
+    p.add_argument("--json", type=Path, default=None, help="also write the scores here")
+    a = p.parse_args(argv)
+    lm = load_checkpoint(a.model, device="cpu")
+    s = score(lm, n=a.scenes, seed=a.seed)
+    print(format_scores(s))
+    if a.json:
+        a.json.write_text(json.dumps({**s, "targets_met": check_targets(s)}, indent=2))
+    return 0 if all(check_targets(s).values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
