@@ -113,11 +113,11 @@ class PreparedImage:
 
 
 def prepare_image(img: Image.Image, pre: Preprocessing) -> PreparedImage:
+    """RGB image -> the model's input, resized and cropped as the weights expect."""
     H, W = pre.input_size
     w0, h0 = img.size
     if pre.mode == "squash":
-        resized = img.resize((W, H), RESAMPLE[pre.interpolation])
-        box = (0, 0, W, H)
+        size, box = (W, H), (0, 0, W, H)
     else:
         # Resize so that the image covers the scaled crop, keeping aspect (timm's shorter-side
         # resize for square inputs), then center-crop.
@@ -129,15 +129,12 @@ def prepare_image(img: Image.Image, pre: Preprocessing) -> PreparedImage:
         else:
             scale = max(sw / w0, sh / h0)
             size = (max(sw, round(w0 * scale)), max(sh, round(h0 * scale)))
-        resized = img.resize(size, RESAMPLE[pre.interpolation]) if size != (w0, h0) else img
         left = int(round((size[0] - W) / 2.0))
         top = int(round((size[1] - H) / 2.0))
         box = (left, top, left + W, top + H)
-        resized_crop = resized.crop(box)
-        view = np.asarray(resized_crop, dtype=np.uint8)
-        return _finish(view, pre, (w0, h0), size, box)
-    view = np.asarray(resized, dtype=np.uint8)
-    return _finish(view, pre, (w0, h0), (W, H), box)
+    resized = img.resize(size, RESAMPLE[pre.interpolation]) if size != (w0, h0) else img
+    view = np.asarray(resized.crop(box) if box != (0, 0, *size) else resized, dtype=np.uint8)
+    return _finish(view, pre, (w0, h0), size, box)
 
 
 def _finish(view: np.ndarray, pre: Preprocessing, orig, resized, box) -> PreparedImage:

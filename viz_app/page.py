@@ -181,7 +181,10 @@ def main() -> None:
         st.stop()
     result = cache.get_result(source, device, dtype, digest, image)
     ctx = views.Ctx(lm=lm, result=result, original=image, source=source, device=device, dtype=dtype, digest=digest)
-    tabs = st.tabs(["Overview", "Heads", "Rollout", "Embeddings", "Attention distance", "Compare", "Download"])
+    names = ["Overview", "Heads", "Rollout", "Embeddings", "Attention distance", "Compare", "Download"]
+    if source == "demo":
+        names.append("Sanity check")
+    tabs = st.tabs(names)
     with tabs[0]:
         views.overview(ctx)
     with tabs[1]:
@@ -196,6 +199,30 @@ def main() -> None:
         compare_tab(ctx, device, dtype)
     with tabs[6]:
         views.download(ctx, settings=view_settings())
+    if source == "demo":
+        with tabs[7]:
+            views.sanity(ctx, scene_mask(name), demo_scores())
+
+
+def scene_mask(name: str) -> np.ndarray | None:
+    """The target mask of a gallery scene ('scene: <stem>'), else None."""
+    if not name.startswith("scene: "):
+        return None
+    path = SCENES / f"{name.removeprefix('scene: ')}_mask.png"
+    if not path.is_file():
+        return None
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("L")) > 127
+
+
+def demo_scores() -> dict | None:
+    path = DEMO_DIR / "scores.json"
+    if not path.is_file():
+        return None
+    import json
+
+    return json.loads(path.read_text())
 
 
 SETTING_PREFIXES = ("ov_", "hd_", "ro_", "pe_", "md_", "cmp_")

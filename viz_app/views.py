@@ -394,3 +394,57 @@ def compare(ctx: Ctx, other: LoadedModel | None, other_result: ImageResult | Non
             render.overlay(other_result.prepared.view, other_result.rollout, patch_size=cb.patch_size),
             caption=f"Rollout: {other_name}",
         )
+
+
+# ---- Sanity check (demo model) -----------------------------------------------------------------
+
+
+def sanity(ctx: Ctx, mask: np.ndarray | None, scores: dict | None) -> None:
+    """Where the maps point on a scene whose target mask we know, and the model's test scores."""
+    import cv2
+
+    from viz_app.demo.evaluate import energy, patch_masks, pointing
+
+    c = ctx.lm.config
+    if scores:
+        st.markdown(
+            f"**Scores on {scores['scenes']} fresh scenes** (seed {scores['seed']}, never used in training): "
+            f"top-1 accuracy {scores['top1_accuracy']:.1%}; pointing game (argmax patch on the target): "
+            + ", ".join(f"{k} {v:.1%}" for k, v in scores["pointing"].items())
+            + f"; rollout energy {scores['energy']['rollout']:.2f}; position-embedding neighbour contrast "
+            f"{scores['pos_embed_neighbour_contrast']:.2f}."
+        )
+    if mask is None:
+        st.info("Pick one of the demo scenes in the gallery ('scene: ...') to see where each map points on it.")
+        return
+    view = ctx.result.prepared.view
+    m = cv2.resize(mask.astype(np.uint8), (view.shape[1], view.shape[0]), interpolation=cv2.INTER_NEAREST)
+    pm = patch_masks(m[None].astype(bool), c.patch_size)
+    maps = {"rollout": ctx.result.rollout}
+    maps["last-layer class token"] = A.attention_maps(ctx.result.attentions[-1], **ctx.kw).mean(0).numpy()
+    if c.num_classes:
+        from viz_app.cache import get_gradient_map
+
+        top = int(np.argmax(ctx.result.probs))
+        maps[f"gradient rollout ({ctx.label(top)})"] = get_gradient_map(
+            ctx.source, ctx.device, ctx.dtype, ctx.digest, top, ctx.original
+        )
+    scale = 4
+    canvas = cv2.resize(view, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    contours, _ = cv2.findContours(cv2.resize(m, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST),
+                                   cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)  # fmt: skip
+    cv2.drawContours(canvas, contours, -1, (0, 255, 0), 2)
+    colours = [(255, 0, 0), (0, 128, 255), (255, 0, 255)]
+    rows = []
+    for (name, heat), colour in zip(maps.items(), colours):
+        r, cc = np.unravel_index(int(np.argmax(heat)), heat.shape)
+        ps = c.patch_size * scale
+        cv2.rectangle(canvas, (cc * ps, r * ps), ((cc + 1) * ps - 1, (r + 1) * ps - 1), colour, 2)
+        hit = bool(pointing(heat[None], pm)[0])
+        rows.append({"map": name, "argmax patch": f"({r}, {cc})", "on the target": "yes" if hit else "no",
+                     "energy": round(float(energy(heat[None], pm)[0]), 2)})  # fmt: skip
+    left, right = st.columns([1, 1])
+    left.image(canvas, caption="Green: the target's outline. Boxes: each map's argmax patch "
+               "(red rollout, blue last-layer class token, magenta gradient rollout).")  # fmt: skip
+    right.table(rows)
+    right.caption("Energy: the map's mass inside the target divided by the target's share of the image (1 = chance).")
