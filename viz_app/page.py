@@ -18,7 +18,7 @@ SCENES = DEMO_DIR / "scenes"
 IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif"]
 CHECKPOINT_TYPES = ["npz", "pth", "pt", "bin", "safetensors"]
 MODEL_KINDS = ("Embedded demo", "Pretrained (download)", "Upload a checkpoint", "Path or hub id")
-FALLBACK_SOURCE = "vit_b16_augreg"
+FALLBACK_KIND = "Untrained ViT-S/16 (offline fallback)"
 
 
 def gallery() -> dict[str, Path]:
@@ -47,12 +47,21 @@ def init_state() -> None:
 # ---- sidebar -----------------------------------------------------------------------------------
 
 
-def model_picker(prefix: str, *, allow_demo: bool = True) -> str | None:
-    """Model-choosing widgets; returns a source only when the user has asked for one."""
-    kinds = MODEL_KINDS if allow_demo and demo_available() else MODEL_KINDS[1:]
+NO_MODEL = "None"
+
+
+def model_picker(prefix: str, *, optional: bool = False) -> str | None:
+    """Model-choosing widgets; returns a source only when the user has asked for one.
+    optional: offer 'None' first (nothing is loaded until the user picks a model)."""
+    first = MODEL_KINDS[0] if demo_available() else FALLBACK_KIND
+    kinds = ((NO_MODEL,) if optional else ()) + (first, *MODEL_KINDS[1:])
     kind = st.radio("Model", kinds, key=f"{prefix}_kind")
-    if kind == "Embedded demo":
+    if kind == NO_MODEL:
+        return None
+    if kind == MODEL_KINDS[0]:
         return "demo"
+    if kind == FALLBACK_KIND:
+        return cache.RANDOM_SOURCE
     if kind == "Pretrained (download)":
         key = st.selectbox(
             "Pretrained model",
@@ -184,7 +193,7 @@ def main() -> None:
     names = ["Overview", "Heads", "Rollout", "Embeddings", "Attention distance", "Compare", "Download"]
     if source == "demo":
         names.append("Sanity check")
-    tabs = st.tabs(names)
+    tabs = st.tabs(names, key="main_tabs")  # keyed: a rerun (e.g. a patch click) keeps the open tab
     with tabs[0]:
         views.overview(ctx)
     with tabs[1]:
@@ -254,8 +263,10 @@ def example_mad(source: str, device: str, dtype: str, conv: str) -> tuple[np.nda
 def compare_tab(ctx: views.Ctx, device: str, dtype: str) -> None:
     ss = st.session_state
     with st.expander("Second model", expanded=ss["compare_source"] is None):
-        asked = model_picker("cmp")
-        if asked is not None:
+        asked = model_picker("cmp", optional=True)
+        if st.session_state.get("cmp_kind") == NO_MODEL:
+            ss["compare_source"] = None
+        elif asked is not None:
             ss["compare_source"] = asked
     other = other_result = None
     name = ""

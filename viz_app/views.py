@@ -93,34 +93,46 @@ def overview(ctx: Ctx) -> None:
 # ---- Heads -------------------------------------------------------------------------------------
 
 
+def _apply_patch_click(patch_size: int, grid: tuple[int, int]) -> None:
+    """A click on the patch picker (state of the 'hd_click' chart) selects that patch. Runs
+    before the row/column widgets exist, so it may set their values."""
+    ss = st.session_state
+    state = ss.get("hd_click")
+    points = []
+    if state is not None:
+        selection = state.get("selection") if isinstance(state, dict) else getattr(state, "selection", None)
+        if selection is not None:
+            points = selection.get("points", []) if isinstance(selection, dict) else getattr(selection, "points", [])
+    if not points:
+        return
+    x, y = float(points[0]["x"]), float(points[0]["y"])
+    if ss.get("hd_click_applied") == (x, y):
+        return  # already applied; later edits of row/column win
+    ss["hd_click_applied"] = (x, y)
+    row, col = int(y // patch_size), int(x // patch_size)
+    if 0 <= row < grid[0] and 0 <= col < grid[1]:
+        ss["hd_row"], ss["hd_col"], ss["hd_mode"] = row, col, "patch"
+
+
 def query_selector(ctx: Ctx) -> int | None:
     """Read-out token (default) or a patch, chosen by clicking the image or by row/column."""
     c = ctx.lm.config
     gh, gw = c.grid
+    _apply_patch_click(c.patch_size, c.grid)
     mode = st.radio(
         "Query", ["read-out token", "patch"], horizontal=True, key="hd_mode", help="Whose attention to show"
     )
     a, b = st.columns(2)
     row = a.number_input("Patch row", 0, gh - 1, key="hd_row")
     col = b.number_input("Patch column", 0, gw - 1, key="hd_col")
-    event = st.plotly_chart(
+    st.plotly_chart(
         figures.clickable_view(ctx.result.prepared.view, c.patch_size, num_prefix=c.num_prefix_tokens,
                                selected=(row, col) if mode == "patch" else None),
         key="hd_click",
         on_select="rerun",
         selection_mode="points",
     )  # fmt: skip
-    points = (
-        (event or {}).get("selection", {}).get("points", [])
-        if isinstance(event, dict)
-        else getattr(getattr(event, "selection", None), "points", [])
-    )
-    if points:
-        data = points[0].get("customdata")
-        if data is not None and (int(data[0]), int(data[1])) != (row, col):
-            st.session_state["hd_row"], st.session_state["hd_col"] = int(data[0]), int(data[1])
-            st.session_state["hd_mode"] = "patch"
-            st.rerun()
+    st.caption("Click a patch to make it the query.")
     if mode == "read-out token":
         return None
     return c.num_prefix_tokens + row * gw + col

@@ -1,0 +1,197 @@
+"""Real-browser tests: Playwright drives Debian's Chromium against `streamlit run` on 127.0.0.1.
+
+Screenshots land in tests/artifacts/ (ignored by git). Under CI=true a missing browser fails the
+run; elsewhere these tests are skipped when Chromium is not installed.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "tests" / "artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+
+if not Path(CHROMIUM).exists():
+    if os.environ.get("CI") == "true":
+        raise RuntimeError(f"CI=true but Chromium is missing at {CHROMIUM}: browser tests cannot run")
+    pytest.skip("Chromium is not installed (apt-get install chromium)", allow_module_level=True)
+
+sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = _free_port()
+    log = open(ARTIFACTS.mkdir(parents=True, exist_ok=True) or ARTIFACTS / "server.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--server.headless", "true"],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
+                if r.read() == b"ok":
+                    break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("streamlit did not start; see tests/artifacts/server.log") from None
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    ctx = browser.new_context(viewport={"width": 1500, "height": 1000})
+    pg = ctx.new_page()
+    pg.set_default_timeout(120_000)
+    pg.goto(server)
+    wait_idle(pg)
+    yield pg
+    ctx.close()
+
+
+def wait_idle(pg, timeout_s: float = 120) -> None:
+    """Wait until the app has rendered and finished its run: tabs on the page and no 'Running'
+    status widget for a full second."""
+    pg.wait_for_selector("[data-testid='stApp']")
+    pg.wait_for_selector("[role='tab']", timeout=timeout_s * 1000)
+    deadline = time.monotonic() + timeout_s
+    quiet_since = None
+    while time.monotonic() < deadline:
+        if pg.locator("[data-testid='stStatusWidget']").count() == 0:
+            quiet_since = quiet_since or time.monotonic()
+            if time.monotonic() - quiet_since > 1.0:
+                return
+        else:
+            quiet_since = None
+        time.sleep(0.1)
+    raise TimeoutError("the app did not finish running")
+
+
+def png_bytes(seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    img = Image.open(ROOT / "assets" / "examples" / "coffee.jpg").convert("RGB")
+    arr = np.asarray(img).copy()
+    arr[:40, :40] = rng.integers(0, 255, (40, 40, 3))
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def choose_upload(pg) -> None:
+    pg.get_by_text("Upload", exact=True).first.click()
+    wait_idle(pg)
+
+
+def upload(pg, name: str, data: bytes, mime: str) -> None:
+    pg.locator("section[data-testid='stSidebar'] input[type='file']").last.set_input_files(
+        files=[{"name": name, "mimeType": mime, "buffer": data}]
+    )
+    wait_idle(pg)
+
+
+def test_upload_shows_overlay(page):
+    choose_upload(page)
+    upload(page, "coffee.png", png_bytes(), "image/png")
+    imgs = page.locator("[data-testid='stImage'] img")
+    assert imgs.count() >= 2
+    assert page.get_by_text("Attention rollout").count() >= 1
+    page.screenshot(path=str(ARTIFACTS / "overview.png"), full_page=False)
+
+
+def heatmap_signature(pg) -> str:
+    """The big per-head heat map's rendered pixels, as a fingerprint."""
+    chart = pg.locator("[data-testid='stPlotlyChart']").filter(has_text="head").first
+    return chart.screenshot().hex()[:4000]
+
+
+def test_click_patch_changes_head_map(page):
+    page.get_by_role("tab", name="Heads").click()
+    wait_idle(page)
+    before = page.locator(".js-plotly-plot").nth(1).screenshot()
+    view = page.locator(".js-plotly-plot").first
+    box = view.bounding_box()
+    view.click(position={"x": box["width"] * 0.3, "y": box["height"] * 0.4})
+    wait_idle(page)
+    after = page.locator(".js-plotly-plot").nth(1).screenshot()
+    assert before != after
+    assert page.get_by_text("attention of token").count() >= 1
+    page.screenshot(path=str(ARTIFACTS / "heads.png"), full_page=False)
+
+
+def test_compare_two_models(page, tmp_path_factory):
+    from safetensors.torch import save_file
+
+    from model import VisionTransformer, ViTConfig
+
+    folder = tmp_path_factory.mktemp("cmp")
+    m = VisionTransformer(ViTConfig(image_size=128, patch_size=16, embed_dim=64, depth=2, num_heads=2, mlp_dim=128))
+    m.init_weights(seed=3)
+    path = folder / "other.safetensors"
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path))
+    page.get_by_role("tab", name="Compare").click()
+    wait_idle(page)
+    panel = page.locator("[data-testid='stTabPanel']:visible, [role='tabpanel']:visible").first
+    panel.get_by_text("Path or hub id").click()
+    wait_idle(page)
+    panel.get_by_placeholder("hf-hub:timm/... or /path/model.pth").fill(str(path))
+    panel.get_by_placeholder("hf-hub:timm/... or /path/model.pth").press("Enter")
+    wait_idle(page)
+    panel.get_by_role("button", name="Load").click()
+    wait_idle(page)
+    page.get_by_role("tab", name="Compare").click()
+    wait_idle(page)
+    assert page.get_by_text("Similarity decay").count() >= 1 or page.locator("text=Similarity decay").count() >= 1
+    page.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
+
+
+def test_non_image_then_good_image(page):
+    choose_upload(page)
+    upload(page, "notes.png", b"this is a text file, not a picture", "image/png")
+    assert page.get_by_text("not an image we can read").count() >= 1
+    upload(page, "good.png", png_bytes(1), "image/png")
+    assert page.get_by_text("not an image we can read").count() == 0
+    assert page.locator("[data-testid='stImage'] img").count() >= 2
