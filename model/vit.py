@@ -29,6 +29,8 @@ class ViTOutput:
     attentions: tuple of L tensors (B, H, T, T), post-softmax, rows sum to 1; None if not asked.
     token_norms: (B, L + 1, T) L2 norm of every token of the residual stream after the
         embedding and after each block; None if not asked.
+    tokens: (B, T, C) the final tokens (after the encoder's final norm where the model has one);
+        None if not asked.
     """
 
     logits: Tensor | None
@@ -36,6 +38,7 @@ class ViTOutput:
     embeds: Tensor | None = None
     attentions: tuple[Tensor, ...] | None = None
     token_norms: Tensor | None = None
+    tokens: Tensor | None = None
 
 
 def quick_gelu(x: Tensor) -> Tensor:
@@ -202,6 +205,7 @@ class VisionTransformer(nn.Module):
         *,
         output_attentions: bool = True,
         output_token_norms: bool = False,
+        output_tokens: bool = False,
     ) -> ViTOutput:
         """pixels: (B, 3, H, W) normalized. Attentions stay in the autograd graph when grad is on."""
         x = self.embed(pixels)
@@ -231,6 +235,7 @@ class VisionTransformer(nn.Module):
             embeds=embeds,
             attentions=tuple(attentions) if output_attentions else None,
             token_norms=torch.stack(norms, dim=1) if norms is not None else None,
+            tokens=x if output_tokens else None,
         )
 
     def num_params(self) -> int:

@@ -40,6 +40,11 @@ class Ctx:
         return self.lm.labels[i] if self.lm.labels else f"class {i}"
 
 
+def tile_scale(grid: tuple[int, int], width_px: int) -> int:
+    """Pixels per value so that a grid of grid-sized tiles is about width_px wide."""
+    return max(1, width_px // (grid[1] * (grid[1] + 1)))
+
+
 def display_options(prefix: str) -> dict:
     """Upsampling, colormap and opacity, side by side."""
     a, b, c = st.columns(3)
@@ -247,9 +252,7 @@ def embeddings(ctx: Ctx) -> None:
                 "of patch (r, c)'s position embedding to every other patch; one scale from -1 to 1.")  # fmt: skip
     left, right = st.columns([1.4, 1])
     tiles = A.similarity_tiles(torch.from_numpy(sim), c.grid).numpy()
-    left.image(
-        render.tile_grid(tiles, vmin=-1, vmax=1, cmap="viridis", scale=max(1, 96 // max(gh, gw) // max(gh, gw) + 1))
-    )
+    left.image(render.tile_grid(tiles, vmin=-1, vmax=1, cmap="viridis", scale=tile_scale(c.grid, 600)))
     with right:
         a, b = st.columns(2)
         pr = a.number_input("Patch row", 0, gh - 1, gh // 2, key="pe_row")
@@ -377,14 +380,10 @@ def compare(ctx: Ctx, other: LoadedModel | None, other_result: ImageResult | Non
     cols = st.columns(3)
     for col, sim, title in ((cols[0], cmp.sim_a, ctx.lm.name), (cols[1], cmp.sim_b, other_name)):
         col.markdown(f"**{title}**")
-        col.image(
-            render.tile_grid(
-                A.similarity_tiles(sim, grid).numpy(), vmin=-1, vmax=1, scale=max(1, 64 // max(grid) // max(grid) + 1)
-            )
-        )
+        col.image(render.tile_grid(A.similarity_tiles(sim, grid).numpy(), vmin=-1, vmax=1, scale=tile_scale(grid, 400)))
     cols[2].markdown("**Difference (first - second)**")
     cols[2].image(render.tile_grid(A.similarity_tiles(cmp.difference, grid).numpy(), vmin=-1, vmax=1, cmap="coolwarm",
-                                   scale=max(1, 64 // max(grid) // max(grid) + 1)))  # fmt: skip
+                                   scale=tile_scale(grid, 400)))  # fmt: skip
     st.caption(f"Both resampled to {grid[0]}x{grid[1]} with '{method}'. Difference colour scale: -1 (blue) to 1.")
     left, right = st.columns(2)
     left.plotly_chart(

@@ -24,7 +24,7 @@ from model import load_checkpoint
 from model.vit import VisionTransformer
 from model.weights.load import LoadedModel
 from viz_app import analysis as A
-from viz_app.demo.scenes import make_batch
+from viz_app.demo.scenes import make_batch, patch_shares
 from viz_app.demo.train import to_pixels
 from viz_app.pipeline import run_forward
 
@@ -32,11 +32,7 @@ TEST_SEED = 7_777_777  # never used in training (training batches use SeedSequen
 MAPS = ("rollout", "last_layer_cls", "grad_rollout", "centre_prior", "random", "reinit_rollout")
 
 
-def patch_masks(masks: np.ndarray, patch: int) -> np.ndarray:
-    """(B, S, S) bool -> (B, gh, gw): share of each patch's pixels inside the mask."""
-    B, S, _ = masks.shape
-    g = S // patch
-    return masks[:, : g * patch, : g * patch].reshape(B, g, patch, g, patch).mean(axis=(2, 4))
+patch_masks = patch_shares  # (B, S, S) bool -> (B, gh, gw) share of each patch inside the mask
 
 
 def pointing(maps: np.ndarray, pmask: np.ndarray) -> np.ndarray:

@@ -205,6 +205,13 @@ def make_scene(rng: np.random.Generator, *, size: int = 96, difficulty: float = 
     return Scene(image=np.round(img).astype(np.uint8), label=label, mask=mask)
 
 
+def patch_shares(masks: np.ndarray, patch: int) -> np.ndarray:
+    """(B, S, S) bool masks -> (B, gh, gw): the share of each patch's pixels inside the mask."""
+    B, S, _ = masks.shape
+    g = S // patch
+    return masks[:, : g * patch, : g * patch].reshape(B, g, patch, g, patch).mean(axis=(2, 4))
+
+
 def make_batch(
     seed: int | np.random.SeedSequence, n: int, *, size: int = 96, difficulty: float = 1.0, balanced: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
