@@ -79,6 +79,14 @@ def load_path(at: AppTest, path: Path, prefix: str = "main") -> AppTest:
     return at
 
 
+def open_tab(at: AppTest, label: str) -> AppTest:
+    """Tabs are lazy (only the open one runs): open one the way a click does."""
+    at.session_state["main_tabs"] = label
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
 def no_problems(at: AppTest) -> None:
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
@@ -87,10 +95,12 @@ def no_problems(at: AppTest) -> None:
 def test_default_page_has_every_tab():
     at = run_app()
     no_problems(at)
-    assert [t.label for t in at.tabs] == [
-        "Overview", "Heads", "Rollout", "Embeddings", "Attention distance", "Compare", "Download",
-    ]  # fmt: skip
-    assert len(at.get("image")) >= 5
+    labels = [t.label for t in at.tabs]
+    assert labels[:7] == ["Overview", "Heads", "Rollout", "Embeddings", "Attention distance", "Compare", "Download"]
+    assert len(at.get("image")) >= 2
+    for label in labels:
+        open_tab(at, label)
+        no_problems(at)
 
 
 def test_vit_b16_views_match_the_functions(vit_b16):
@@ -105,6 +115,7 @@ def test_vit_b16_views_match_the_functions(vit_b16):
         attn = torch.stack(lm.model(x).attentions, 1)
     c = lm.config
     # Heads: a patch query, layer 3, head 5
+    open_tab(at, "Heads")
     at.radio(key="hd_mode").set_value("patch").run()
     at.number_input(key="hd_row").set_value(4).run()
     at.number_input(key="hd_col").set_value(9).run()
@@ -123,6 +134,7 @@ def test_vit_b16_views_match_the_functions(vit_b16):
     want_mad = A.mean_attention_distance(attn[0], num_prefix=1, grid=c.grid, patch_size=16).numpy()
     np.testing.assert_allclose(mad, want_mad, rtol=1e-4)
     # Embeddings: the large tile is a row of the position similarity
+    open_tab(at, "Embeddings")
     at.number_input(key="pe_row").set_value(2).run()
     at.number_input(key="pe_col").set_value(11).run()
     tile = heatmap_with_title(at, "Similarity to patch (2, 11)")
@@ -132,6 +144,7 @@ def test_vit_b16_views_match_the_functions(vit_b16):
 
 def test_rollout_and_distance_controls(vit_b16):
     at = load_path(run_app(), vit_b16)
+    open_tab(at, "Rollout")
     at.selectbox(key="ro_fusion").set_value("max").run()
     at.slider(key="ro_discard").set_value(0.5).run()
     at.slider(key="ro_layers").set_value((2, 10)).run()
@@ -139,9 +152,12 @@ def test_rollout_and_distance_controls(vit_b16):
     at.selectbox(key="ro_class").set_value(7).run()
     at.selectbox(key="ro_up").set_value("paper").run()
     at.selectbox(key="ro_cmap").set_value("viridis").run()
-    at.radio(key="md_conv").set_value("renormalized").run()
-    at.toggle(key="ov_original").set_value(True).run()
-    at.toggle(key="hd_drop").set_value(True).run()
+    no_problems(at)
+    open_tab(at, "Overview").toggle(key="ov_original").set_value(True).run()
+    open_tab(at, "Heads").toggle(key="hd_drop").set_value(True).run()
+    open_tab(at, "Download")
+    assert len(at.get("download_button")) == 3
+    open_tab(at, "Attention distance").radio(key="md_conv").set_value("renormalized").run()
     no_problems(at)
     at.button(key="md_examples").click().run()
     no_problems(at)
@@ -156,7 +172,7 @@ def test_compare_two_models(vit_b16, tmp_path):
     other.init_weights(seed=1)
     path = tmp_path / "small.safetensors"
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
-    at = load_path(run_app(), vit_b16)
+    at = open_tab(load_path(run_app(), vit_b16), "Compare")
     at = load_path(at, path, prefix="cmp")
     no_problems(at)
     at.selectbox(key="cmp_method").set_value("bilinear").run()

@@ -193,24 +193,22 @@ def main() -> None:
     names = ["Overview", "Heads", "Rollout", "Embeddings", "Attention distance", "Compare", "Download"]
     if source == "demo":
         names.append("Sanity check")
-    tabs = st.tabs(names, key="main_tabs")  # keyed: a rerun (e.g. a patch click) keeps the open tab
-    with tabs[0]:
-        views.overview(ctx)
-    with tabs[1]:
-        views.heads(ctx)
-    with tabs[2]:
-        views.rollout(ctx)
-    with tabs[3]:
-        views.embeddings(ctx)
-    with tabs[4]:
-        views.distance(ctx, lambda conv: example_mad(source, device, dtype, conv))
-    with tabs[5]:
-        compare_tab(ctx, device, dtype)
-    with tabs[6]:
-        views.download(ctx, settings=view_settings())
-    if source == "demo":
-        with tabs[7]:
-            views.sanity(ctx, scene_mask(name), demo_scores())
+    # Lazy tabs: only the open tab runs, so a widget change redraws one view, never the model.
+    tabs = st.tabs(names, key="main_tabs", on_change="rerun")
+    draw = {
+        "Overview": lambda: views.overview(ctx),
+        "Heads": lambda: views.heads(ctx),
+        "Rollout": lambda: views.rollout(ctx),
+        "Embeddings": lambda: views.embeddings(ctx),
+        "Attention distance": lambda: views.distance(ctx, lambda conv: example_mad(source, device, dtype, conv)),
+        "Compare": lambda: compare_tab(ctx, device, dtype),
+        "Download": lambda: views.download(ctx, settings=view_settings()),
+        "Sanity check": lambda: views.sanity(ctx, scene_mask(name), demo_scores()),
+    }
+    for tab, label in zip(tabs, names):
+        if tab.open:
+            with tab:
+                draw[label]()
 
 
 def scene_mask(name: str) -> np.ndarray | None:

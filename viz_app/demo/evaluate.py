@@ -22,7 +22,7 @@ import torch
 
 from model import load_checkpoint
 from model.vit import VisionTransformer
-from model.weights.load import LoadedModel
+from model.weights.load import DEMO_DIR, LoadedModel
 from viz_app import analysis as A
 from viz_app.demo.scenes import make_batch, patch_shares
 from viz_app.demo.train import to_pixels
@@ -148,18 +148,94 @@ def format_scores(s: dict) -> str:
     return "\n".join(lines)
 
 
+def model_card(lm: LoadedModel, s: dict, training: dict) -> str:
+    """The demo model's card: what it is, how it was trained, its scores, its limits."""
+    c = lm.config
+    r = training.get("recipe", {})
+    hist = training.get("history", [])
+    last = hist[-1] if hist else {}
+    ok = check_targets(s)
+    rows = "\n".join(f"| {k} | {s['pointing'][k]:.3f} | {s['energy'][k]:.2f} |" for k in MAPS)
+    targets = "\n".join(f"- {'met' if v else 'NOT met'}: {k}" for k, v in ok.items())
+    return f"""# ViT Lens demo model: shape scenes
+
+A plain Vision Transformer as in Dosovitskiy et al. (2021), trained from scratch by ViT Lens on
+generated "shape scenes", so that every attention view can be checked against ground truth.
+It knows eight shapes ({", ".join(lm.labels or [])}), not cats: on natural photos its
+predictions are meaningless, though its attention views still work.
+
+## Architecture
+- Input {c.image_size[0]}x{c.image_size[1]} px, patch {c.patch_size} (a {c.grid[0]}x{c.grid[1]} grid), linear patch
+  embedding, class token, learned position embeddings, {c.depth} pre-norm blocks, width
+  {c.embed_dim}, {c.num_heads} heads, MLP {c.mlp_dim}, exact GELU, LayerNorm eps {c.norm_eps}; the
+  classifier reads the class token. {lm.model.num_params() / 1e6:.2f} M parameters. No convolutional stem.
+- Preprocessing: resize to {c.image_size[0]} px ({lm.preprocessing.interpolation}), mean {lm.preprocessing.mean},
+  std {lm.preprocessing.std} (pixels scaled to [-1, 1]).
+
+## Training
+- Command: `python -m viz_app.demo.train --out runs/demo` (then copy `model.safetensors` and
+  `config.json` into `assets/demo/`). Every batch is generated from (seed, step), checkpoints
+  are written every 500 steps and a run resumes where it stopped.
+- Recipe: {r.get("steps")} steps of {r.get("batch_size")} fresh scenes, AdamW (lr {r.get("lr")}, warmup {r.get("warmup")},
+  cosine to {r.get("min_lr")}, weight decay {r.get("weight_decay")}), bf16 autocast on the CPU, gradient clipping 1.0,
+  zero-initialized head. Curriculum: difficulty rises from 0 (one large upright black or white
+  shape on a washed-out gradient, no distractors) when training accuracy reaches
+  {r.get("curriculum_acc")}, and never lags a linear ramp reaching the full task at {r.get("full_task_at")} of the steps.
+- Token labeling (Jiang et al. 2021): during training only, a linear head on the final patch
+  tokens predicts the target class on patches the target covers by at least
+  {r.get("token_label_min")} and "background" elsewhere (weight {r.get("token_label_weight")}). It is not part of the
+  shipped model; the classifier and every view use the class token as in the paper. The
+  target masks are thus used in training, which is worth knowing when reading the pointing
+  scores below.
+- Trained on this project's 2-core CPU in {training.get("train_time_s", 0) / 60:.0f} minutes
+  (last logged training accuracy {last.get("train_acc", float("nan")):.3f}).
+
+## Scores
+Computed by `python -m viz_app.demo.evaluate --scenes {s["scenes"]}` on {s["scenes"]} fresh scenes of the
+full task (seed {s["seed"]}, never used in training), with the same analysis code the app shows.
+
+- Top-1 accuracy: {s["top1_accuracy"]:.4f}
+- Position embeddings: mean cosine similarity of grid neighbours minus that of patches 4 or
+  more apart: {s["pos_embed_neighbour_contrast"]:.3f}
+
+| map | pointing game | energy |
+|---|---|---|
+{rows}
+
+Pointing game: the map's argmax patch overlaps the target mask. Energy: the map's mass inside
+the mask divided by the mask's share of the image (1 = no better than uniform). Maps: attention
+rollout (paper settings), last-layer class-token attention (mean of heads), gradient rollout
+for the true class, a centre prior, a random map, and the rollout of the same architecture with
+re-initialized weights (the sanity check of Adebayo et al. 2018).
+
+Targets:
+{targets}
+
+## Limits
+- Trained only on generated 96 px scenes of eight filled shapes with distractors; anything
+  else is out of distribution.
+- Small targets (15 % of the side, about two patches) are the hardest cases.
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m viz_app.demo.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="demo")
     p.add_argument("--scenes", type=int, default=2000)
     p.add_argument("--seed", type=int, default=TEST_SEED)
     p.add_argument("--json", type=Path, default=None, help="also write the scores here")
+    p.add_argument("--card", type=Path, default=None, help="also write the model card (markdown) here")
     a = p.parse_args(argv)
     lm = load_checkpoint(a.model, device="cpu")
     s = score(lm, n=a.scenes, seed=a.seed)
     print(format_scores(s))
     if a.json:
         a.json.write_text(json.dumps({**s, "targets_met": check_targets(s)}, indent=2))
+    if a.card:
+        folder = DEMO_DIR if a.model == "demo" else Path(a.model)
+        cfg_path = (folder if folder.is_dir() else folder.parent) / "config.json"
+        training = json.loads(cfg_path.read_text()).get("training", {}) if cfg_path.is_file() else {}
+        a.card.write_text(model_card(lm, s, training))
     return 0 if all(check_targets(s).values()) else 1
 
 
