@@ -200,3 +200,41 @@ def test_bad_checkpoint_keeps_the_previous_model(tmp_path):
     assert not at.exception
     assert any("Could not load" in e.value for e in at.error)
     assert len(at.tabs) == 7  # still showing the previous model
+
+
+def test_uploaded_checkpoint_loads_and_leaves_no_file(tmp_path):
+    import tempfile
+
+    m = VisionTransformer(
+        ViTConfig(image_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=2, mlp_dim=128, num_classes=3)
+    )
+    m.init_weights(seed=5)
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path))
+    before = set(Path(tempfile.gettempdir()).glob("vit-lens-upload-*"))
+    at = run_app()
+    at.radio(key="main_kind").set_value("Upload a checkpoint").run()
+    at.get("file_uploader")[0].set_value(("tiny.safetensors", path.read_bytes(), "application/octet-stream")).run()
+    no_problems(at)
+    assert "64x64" in " ".join(md.value for md in at.markdown)  # the model card shows the upload
+    assert set(Path(tempfile.gettempdir()).glob("vit-lens-upload-*")) == before
+
+
+@pytest.mark.skipif(not (ROOT / "assets" / "demo" / "config.json").is_file(), reason="demo model not installed")
+def test_demo_model_is_the_default_and_sanity_tab_scores_a_scene():
+    at = run_app()
+    no_problems(at)
+    assert at.radio(key="main_kind").value == "Embedded demo"
+    at.selectbox(key="img_example").set_value("scene: 0_circle").run()
+    open_tab(at, "Sanity check")
+    no_problems(at)
+    tables = at.get("table")
+    assert tables, "the sanity tab shows where each map points"
+    open_tab(at, "Overview")
+    lm = load_checkpoint("demo")
+    x = prepare_image(load_image(ROOT / "assets" / "demo" / "scenes" / "0_circle.png"), lm.preprocessing).pixels[None]
+    with torch.no_grad():
+        probs = lm.model(x).logits.softmax(-1)[0]
+    shown = [s for s in charts(at) if s["data"] and s["data"][0].get("type") == "bar"]
+    assert shown, "top-5 bar chart"
+    np.testing.assert_allclose(sorted(decode(shown[0]["data"][0]["x"]))[::-1], probs.topk(5).values.numpy(), atol=1e-5)

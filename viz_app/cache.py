@@ -24,7 +24,6 @@ from viz_app.results import ImageResult, analyze_image, gradient_map
 MAX_MODELS = 3
 MAX_RESULTS = 16
 MAX_MAPS = 64
-UPLOAD_DIR = Path(tempfile.gettempdir()) / "vit-lens-uploads"
 
 
 def digest(data: bytes) -> str:
@@ -50,40 +49,24 @@ def random_model(device: str, dtype: str) -> LoadedModel:
 
 
 @st.cache_resource(max_entries=MAX_MODELS, show_spinner=False)
-def get_model(source: str, device: str, dtype: str) -> LoadedModel:
-    """source: 'demo', a curated key, a path, a hub id, 'random', or 'upload:<digest>' (see save_upload)."""
+def get_model(source: str, device: str, dtype: str, _upload: tuple[str, bytes] | None = None) -> LoadedModel:
+    """source: 'demo', a curated key, a path, a hub id, 'random', or 'upload:<digest>'.
+
+    An uploaded checkpoint (_upload = (file name, bytes)) is written to a private temporary
+    folder only for as long as it takes to read it, then removed.
+    """
     if source == RANDOM_SOURCE:
         return random_model(device, dtype)
     if source.startswith("upload:"):
-        path = UPLOAD_DIR / source.removeprefix("upload:")
-        files = sorted(path.iterdir()) if path.is_dir() else []
-        if len(files) != 1:
-            raise FileNotFoundError("the uploaded checkpoint is gone; upload it again")
-        return load_checkpoint(files[0], device=device, dtype=dtype)
+        if _upload is None:
+            raise FileNotFoundError("the uploaded checkpoint is no longer in this session; upload it again")
+        name, data = _upload
+        safe = "".join(ch for ch in Path(name).name if ch.isalnum() or ch in "._-") or "checkpoint"
+        with tempfile.TemporaryDirectory(prefix="vit-lens-upload-") as folder:  # mode 0700
+            path = Path(folder) / safe
+            path.write_bytes(data)
+            return load_checkpoint(path, device=device, dtype=dtype)
     return load_checkpoint(source, device=device, dtype=dtype)
-
-
-def save_upload(name: str, data: bytes) -> str:
-    """Keep an uploaded checkpoint in a private temp folder named by its digest -> model source."""
-    d = digest(data)
-    folder = UPLOAD_DIR / d
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    safe = "".join(ch for ch in Path(name).name if ch.isalnum() or ch in "._-") or "checkpoint"
-    target = folder / safe
-    if not target.exists():
-        tmp = folder / (safe + ".part")
-        tmp.write_bytes(data)
-        tmp.replace(target)
-    return f"upload:{d}"
-
-
-def drop_upload(source: str) -> None:
-    """Remove an uploaded checkpoint's temp folder (the loaded model stays cached)."""
-    if source.startswith("upload:"):
-        folder = UPLOAD_DIR / source.removeprefix("upload:")
-        for f in folder.glob("*"):
-            f.unlink(missing_ok=True)
-        folder.rmdir() if folder.is_dir() else None
 
 
 @st.cache_data(max_entries=MAX_RESULTS, show_spinner=False)

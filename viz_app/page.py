@@ -38,7 +38,7 @@ def init_state() -> None:
         "good_source": None,
         "compare_source": None,
         "good_image": None,  # (digest, bytes, name) of the last image that decoded
-        "upload_sources": {},
+        "uploads": {},  # digest -> (name, bytes) of the uploaded checkpoint
     }
     for key, value in defaults.items():
         st.session_state.setdefault(key, value)
@@ -79,11 +79,10 @@ def model_picker(prefix: str, *, optional: bool = False) -> str | None:
         if up is None:
             return None
         data = up.getvalue()
-        sources = st.session_state["upload_sources"]
         d = cache.digest(data)
-        if d not in sources:
-            sources[d] = cache.save_upload(up.name, data)
-        return sources[d]
+        # only the latest upload is kept (in memory, for this session)
+        st.session_state["uploads"] = {d: (up.name, data)}
+        return f"upload:{d}"
     text = st.text_input(
         "Checkpoint path or hub id", key=f"{prefix}_path", placeholder="hf-hub:timm/... or /path/model.pth"
     )
@@ -113,9 +112,11 @@ def image_picker() -> tuple[str, bytes, str] | None:
 
 
 def load_model(source: str, device: str, dtype: str) -> LoadedModel | None:
-    with st.spinner(f"Loading {PRETRAINED[source].title if source in PRETRAINED else source}..."):
+    upload = st.session_state["uploads"].get(source.removeprefix("upload:")) if source.startswith("upload:") else None
+    label = PRETRAINED[source].title if source in PRETRAINED else upload[0] if upload else source
+    with st.spinner(f"Loading {label}..."):
         try:
-            return cache.get_model(source, device, dtype)
+            return cache.get_model(source, device, dtype, upload)
         except (ViTLensError, ValueError, OSError) as e:
             st.error(f"Could not load the model: {e}")
             return None

@@ -1,0 +1,156 @@
+"""App latencies: upload-to-overlay in a real browser, and server-side reruns without a forward.
+
+python -m benchmarks.bench_app [--repeats 3]
+
+1. Browser (Playwright + Debian Chromium, `streamlit run` on 127.0.0.1): time from handing a new
+   image to the file input until the rollout overlay of that image is on screen, for the demo
+   model and a ViT-B/16-sized checkpoint (random weights). Each upload is a new image, so the
+   model runs every time.
+2. Server side (AppTest, the same script the server runs): the time of a rerun after a layer or
+   head change on the Heads tab, with a ViT-B/16-sized model; no forward pass happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from benchmarks.common import machine, write_random_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+
+
+def new_image(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    img = np.asarray(Image.open(ROOT / "assets" / "examples" / "chelsea.jpg").convert("RGB")).copy()
+    img[:24, :24] = rng.integers(0, 255, (24, 24, 3))  # a new digest every time
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def serve(port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    for _ in range(240):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=1)
+            return proc
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError("server did not start")
+
+
+def idle(pg) -> None:
+    pg.wait_for_selector("[role='tab']")
+    quiet = None
+    while True:
+        if pg.locator("[data-testid='stStatusWidget']").count() == 0:
+            quiet = quiet or time.monotonic()
+            if time.monotonic() - quiet > 0.5:
+                return
+        else:
+            quiet = None
+        time.sleep(0.02)
+
+
+def browser_upload_times(checkpoint: Path | None, repeats: int, port: int) -> list[float]:
+    from playwright.sync_api import sync_playwright
+
+    proc = serve(port)
+    times = []
+    try:
+        with sync_playwright() as p:
+            b = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
+            pg = b.new_page(viewport={"width": 1400, "height": 900})
+            pg.set_default_timeout(300_000)
+            pg.goto(f"http://127.0.0.1:{port}")
+            idle(pg)
+            if checkpoint is not None:
+                pg.get_by_text("Path or hub id").first.click()
+                idle(pg)
+                box = pg.get_by_placeholder("hf-hub:timm/... or /path/model.pth")
+                box.fill(str(checkpoint))
+                box.press("Enter")
+                idle(pg)
+                pg.get_by_role("button", name="Load").click()
+                idle(pg)
+            pg.get_by_text("Upload", exact=True).first.click()
+            idle(pg)
+            for i in range(repeats + 1):  # the first upload warms caches and is not counted
+                data = new_image(1000 + i)
+                n_before = pg.locator("[data-testid='stImage'] img").count()
+                start = time.perf_counter()
+                pg.locator("section[data-testid='stSidebar'] input[type='file']").last.set_input_files(
+                    files=[{"name": f"img{i}.png", "mimeType": "image/png", "buffer": data}]
+                )
+                # the overlay is drawn when the run ends and the images are loaded
+                pg.wait_for_function(
+                    "() => !document.querySelector(\"[data-testid='stStatusWidget']\") && "
+                    "[...document.querySelectorAll(\"[data-testid='stImage'] img\")].length >= 2 && "
+                    "[...document.querySelectorAll(\"[data-testid='stImage'] img\")].every(i => i.complete && i.naturalWidth > 0)"
+                )
+                elapsed = time.perf_counter() - start
+                if i:
+                    times.append(elapsed)
+                assert n_before >= 0
+            b.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return times
+
+
+def rerun_times(checkpoint: Path, repeats: int) -> list[float]:
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / "streamlit_app.py"), default_timeout=600).run()
+    at.radio(key="main_kind").set_value("Path or hub id").run()
+    at.text_input(key="main_path").set_value(str(checkpoint)).run()
+    at.button(key="main_load").click().run()
+    at.session_state["main_tabs"] = "Heads"
+    at.run()
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        at.slider(key="hd_layer").set_value(1 + (i % 12)).run()
+        at.selectbox(key="hd_head").set_value(i % 12).run()
+        times.append((time.perf_counter() - start) / 2)
+        assert not at.exception, at.exception
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+    print(machine())
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = write_random_checkpoint(Path(d))
+        demo = browser_upload_times(None, a.repeats, 8611)
+        b16 = browser_upload_times(ckpt, a.repeats, 8612)
+        rerun = rerun_times(ckpt, 10)
+    print(
+        f"upload -> overlay, demo model:        median {statistics.median(demo):.2f} s  {[round(t, 2) for t in demo]}"
+    )
+    print(f"upload -> overlay, ViT-B/16 (random): median {statistics.median(b16):.2f} s  {[round(t, 2) for t in b16]}")
+    print(f"server rerun, layer/head change, ViT-B/16: median {statistics.median(rerun) * 1000:.0f} ms "
+          f"{[round(t * 1000) for t in rerun]}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
