@@ -57,3 +57,18 @@ def test_offline_and_not_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DownloadError, match="HF_HUB_OFFLINE"):
         load_checkpoint("hf-hub:timm/vit_base_patch16_224.augreg2_in21k_ft_in1k", cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["500", "cut"])
+def test_server_errors_leave_no_partial_file(tmp_path, repo_files, online, mode):
+    with fake_hub.serve({"acme/tiny-vit": repo_files}) as (url, state):
+        state.mode = mode
+        with pytest.raises(DownloadError):
+            load_checkpoint("acme/tiny-vit", endpoint=url, cache_dir=tmp_path)
+    incomplete = list(tmp_path.rglob("*.incomplete"))
+    complete = [p for p in tmp_path.rglob("model.safetensors") if p.is_file()]
+    assert not complete, "no weights may land in the cache from a failed download"
+    assert all(p.stat().st_size < len(repo_files["model.safetensors"]) for p in incomplete)
+    # and the same repository downloads fine once the server behaves
+    with fake_hub.serve({"acme/tiny-vit": repo_files}) as (url, _):
+        assert load_checkpoint("acme/tiny-vit", endpoint=url, cache_dir=tmp_path).config.grid == (4, 4)
