@@ -195,3 +195,21 @@ def test_non_image_then_good_image(page):
     upload(page, "good.png", png_bytes(1), "image/png")
     assert page.get_by_text("not an image we can read").count() == 0
     assert page.locator("[data-testid='stImage'] img").count() >= 2
+
+
+def test_gallery_scene_screenshots(page):
+    """The screenshots shown in the README: a demo scene's overview and its heads."""
+    box = page.locator("section[data-testid='stSidebar'] [data-testid='stSelectbox']").filter(has_text="Example").last
+    box.click()
+    page.keyboard.type("scene: 3_star")
+    page.keyboard.press("Enter")
+    wait_idle(page)
+    page.screenshot(path=str(ARTIFACTS / "readme_overview.png"))
+    page.get_by_role("tab", name="Heads").click()
+    wait_idle(page)
+    view = page.locator(".js-plotly-plot").first
+    b = view.bounding_box()
+    view.click(position={"x": b["width"] * 0.5, "y": b["height"] * 0.5})
+    wait_idle(page)
+    page.screenshot(path=str(ARTIFACTS / "readme_heads.png"))
+    assert page.get_by_text("attention of token").count() >= 1

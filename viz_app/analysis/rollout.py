@@ -107,6 +107,11 @@ def attention_rollout(
         end=end,
         protect=tuple(readout_tokens),
     )
+    return _readout_map(R, num_prefix=num_prefix, grid=grid, readout_tokens=readout_tokens, readout=readout)
+
+
+def _readout_map(R: Tensor, *, num_prefix: int, grid: tuple[int, int], readout_tokens, readout: str) -> Tensor:
+    """(B, T, T) rollout -> the read-out row over the patches, (B, gh, gw)."""
     row = readout_rows(R, num_prefix=num_prefix, readout_tokens=readout_tokens, readout=readout)
     return row[..., num_prefix:].reshape(-1, *grid)
 
@@ -129,8 +134,7 @@ def rollout_per_layer(
     maps = []
     for a in mats:
         R = a if R is None else a @ R
-        row = readout_rows(R, num_prefix=num_prefix, readout_tokens=readout_tokens, readout=readout)
-        maps.append(row[..., num_prefix:].reshape(-1, *grid))
+        maps.append(_readout_map(R, num_prefix=num_prefix, grid=grid, readout_tokens=readout_tokens, readout=readout))
     return torch.stack(maps, dim=1)
 
 
@@ -155,5 +159,4 @@ def gradient_rollout(
     for layer in range(L):
         a_bar = (grads[:, layer].float() * attns[:, layer].float()).clamp_min(0).mean(dim=1)  # (B, T, T)
         R = R + a_bar @ R
-    row = readout_rows(R, num_prefix=num_prefix, readout_tokens=readout_tokens, readout=readout)
-    return row[..., num_prefix:].reshape(B, *grid)
+    return _readout_map(R, num_prefix=num_prefix, grid=grid, readout_tokens=readout_tokens, readout=readout)
