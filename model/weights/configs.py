@@ -41,6 +41,7 @@ class Hints:
     preprocessing: Preprocessing | None = None
     pos_resample: str | None = None
     input_size: tuple[int, int] | None = None  # the resolution to run at, when a file states it
+    name: str | None = None
 
 
 def read_json(path: Path) -> dict:

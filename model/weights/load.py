@@ -85,6 +85,8 @@ def load_checkpoint(
         name, src = curated.title, curated.source
     path = Path(src).expanduser()
     if path.exists():
+        if name == src:  # a local file or folder: its name is the readable part
+            name = path.name or src
         tensors, hints, fmt = _read_local(path)
     elif src.startswith("hf-hub:") or (parse_hub_id(src) and not src.startswith((".", "/", "~"))):
         repo = parse_hub_id(src)
@@ -99,6 +101,7 @@ def load_checkpoint(
         raise CheckpointError(f"no such file or folder, and not a hub id: {src}")
     if progress:
         progress("building the model")
+    name = hints.name or name
     return _build(
         tensors,
         hints,
@@ -171,6 +174,7 @@ def _vitlens_hints(cfg: dict) -> Hints:
         pre = cfg.get("preprocessing")
         return Hints(
             config=conf,
+            name=cfg.get("name"),
             family=cfg.get("family", "ViT"),
             labels=cfg.get("labels"),
             preprocessing=Preprocessing(**pre) if pre else None,

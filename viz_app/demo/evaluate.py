@@ -103,13 +103,17 @@ def score(lm: LoadedModel, *, n: int = 2000, seed: int = TEST_SEED, batch: int =
             energies[k].append(energy(m, sm.pmask))
     pos = lm.model.pos_embed.detach().float().cpu()[0, c.pos_embed_prefix :]
     sim = A.position_similarity(pos)
+    try:
+        contrast = A.neighbour_contrast(sim, c.grid, far=4)
+    except ValueError:  # grids too small to have patches 4 apart (smoke models)
+        contrast = float("nan")
     return {
         "scenes": n,
         "seed": seed,
         "top1_accuracy": correct / n,
         "pointing": {k: float(np.concatenate(v).mean()) for k, v in hits.items()},
         "energy": {k: float(np.concatenate(v).mean()) for k, v in energies.items()},
-        "pos_embed_neighbour_contrast": A.neighbour_contrast(sim, c.grid, far=4),
+        "pos_embed_neighbour_contrast": contrast,
     }
 
 

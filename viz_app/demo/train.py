@@ -205,11 +205,11 @@ def train(
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, r)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=r.bf16):
-                out = model(x, output_attentions=False, output_tokens=r.token_label_weight > 0)
-            logits = out.logits
+                fwd = model(x, output_attentions=False, output_tokens=r.token_label_weight > 0)
+            logits = fwd.logits
             loss = F.cross_entropy(logits.float(), y, label_smoothing=r.label_smoothing)
             if r.token_label_weight > 0:
-                patch_logits = aux(out.tokens[:, model.config.num_prefix_tokens :].float())  # (B, N, 9)
+                patch_logits = aux(fwd.tokens[:, model.config.num_prefix_tokens :].float())  # (B, N, 9)
                 loss = loss + r.token_label_weight * F.cross_entropy(patch_logits.flatten(0, 1), y_patch.flatten())
             opt.zero_grad(set_to_none=True)
             loss.backward()
