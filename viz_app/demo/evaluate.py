@@ -53,7 +53,8 @@ def energy(maps: np.ndarray, pmask: np.ndarray) -> np.ndarray:
 def centre_prior(grid: tuple[int, int]) -> np.ndarray:
     gh, gw = grid
     yy, xx = np.mgrid[0:gh, 0:gw]
-    return -np.hypot(yy - (gh - 1) / 2, xx - (gw - 1) / 2)
+    d = np.hypot(yy - (gh - 1) / 2, xx - (gw - 1) / 2)
+    return d.max() - d  # non-negative, highest in the centre
 
 
 def reinitialized(lm: LoadedModel, seed: int = 0) -> VisionTransformer:
