@@ -124,9 +124,8 @@ def load_model(source: str, device: str, dtype: str) -> LoadedModel | None:
 
 def model_card(lm: LoadedModel) -> None:
     c, p = lm.config, lm.preprocessing
-    prefix = ", ".join(c.prefix_names[:3]) + (f" + {c.num_registers} registers" if c.num_registers else "")
-    if c.num_registers:
-        prefix = ", ".join(n for n in c.prefix_names if not n.startswith("reg")) + f" + {c.num_registers} registers"
+    named = [n for n in c.prefix_names if not n.startswith("reg")]
+    prefix = ", ".join(named) + (f" + {c.num_registers} registers" if c.num_registers else "")
     st.markdown(
         f"**{lm.name}**  \n"
         f"family: {lm.family} ({lm.format})  \n"

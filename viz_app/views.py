@@ -234,7 +234,7 @@ def rollout(ctx: Ctx) -> None:
             st.image(_overlay(ctx, gmap, opts), caption=f"Gradient rollout for '{ctx.label(int(target))}'")
         else:
             st.info("Class-specific maps need a classifier head; this model has none.")
-    strip = A.rollout_per_layer(attn, **{k: v for k, v in kw.items()})[0].numpy()  # (L, gh, gw)
+    strip = A.rollout_per_layer(attn, **kw)[0].numpy()  # (L, gh, gw)
     st.markdown("**Rollout after each layer** (from layer 1; each on its own scale)")
     tiles = strip / np.maximum(strip.max(axis=(1, 2), keepdims=True), 1e-12)
     st.image(render.tile_grid(tiles[None], vmin=0, vmax=1, cmap="inferno", scale=max(1, 64 // max(c.grid))))
@@ -327,8 +327,6 @@ def analysis_npz(ctx: Ctx, settings: dict) -> bytes:
         arrays["probabilities"] = r.probs
     else:
         arrays["features"] = r.features
-    import streamlit as _st
-
     meta = {
         "settings": settings,
         "model": {"name": ctx.lm.name, "source": ctx.source, "family": ctx.lm.family, "config": ctx.lm.config.to_dict()},
@@ -337,7 +335,7 @@ def analysis_npz(ctx: Ctx, settings: dict) -> bytes:
         "dtype": ctx.dtype,
         "image_sha256_prefix": ctx.digest,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-                     "streamlit": _st.__version__},
+                     "streamlit": st.__version__},
     }  # fmt: skip
     buf = io.BytesIO()
     np.savez_compressed(buf, settings_json=np.array(json.dumps(meta, indent=2)), **arrays)
