@@ -40,6 +40,9 @@ class ViTConfig:
     mlp_dim: int = 3072
     qkv_bias: bool = True
     patch_bias: bool = True  # CLIP's patch projection has no bias
+    # Widths of 3x3 stride-2 convolutions (BatchNorm + ReLU) before the patch projection, the
+    # "early convolutions" stem of Xiao et al. 2021. Empty: the paper's linear patch embedding.
+    conv_stem: tuple[int, ...] = ()
     class_token: bool = True
     distill_token: bool = False  # DeiT distilled
     num_registers: int = 0  # DINOv2 with registers
@@ -59,6 +62,7 @@ class ViTConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", _pair(self.image_size))
+        object.__setattr__(self, "conv_stem", tuple(int(c) for c in self.conv_stem))
         if self.pos_embed_prefix is None:
             object.__setattr__(self, "pos_embed_prefix", self.num_prefix_tokens)
         problems = []
@@ -68,6 +72,9 @@ class ViTConfig:
             problems.append(f"image_size {self.image_size} and patch_size {p} must be positive")
         elif h % p or w % p:
             problems.append(f"image_size {self.image_size} is not divisible by patch_size {p}")
+        if self.conv_stem and (p % 2 ** len(self.conv_stem) or min(self.conv_stem) <= 0):
+            problems.append(f"a conv stem of {len(self.conv_stem)} stride-2 layers needs patch_size divisible by "
+                            f"{2 ** len(self.conv_stem)} and positive widths, got {p} and {self.conv_stem}")  # fmt: skip
         if self.embed_dim % self.num_heads:
             problems.append(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.act not in ACTIVATIONS:
@@ -98,6 +105,11 @@ class ViTConfig:
     def num_patches(self) -> int:
         gh, gw = self.grid
         return gh * gw
+
+    @property
+    def linear_patch_embed(self) -> bool:
+        """True for the paper's linear patch embedding (its filters are meaningful in pixel space)."""
+        return not self.conv_stem
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -142,6 +154,7 @@ class ViTConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["image_size"] = list(self.image_size)
+        d["conv_stem"] = list(self.conv_stem)
         return d
 
     @classmethod

@@ -55,14 +55,35 @@ def _activation(name: str):
     raise ValueError(f"unknown activation {name!r}")
 
 
-class PatchEmbed(nn.Module):
-    """Cut the image into p x p patches and project each linearly (a strided convolution)."""
+class StemLayer(nn.Module):
+    """3x3 convolution with stride 2, BatchNorm, ReLU (one layer of an early-convolution stem)."""
 
-    def __init__(self, *, patch_size: int, in_chans: int, embed_dim: int, bias: bool) -> None:
+    def __init__(self, in_chans: int, out_chans: int) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size, bias=bias)
+        self.conv = nn.Conv2d(in_chans, out_chans, 3, stride=2, padding=1, bias=False)
+        self.norm = nn.BatchNorm2d(out_chans)
 
     def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.norm(self.conv(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Cut the image into p x p patches and project each linearly (a strided convolution).
+    With `stem` widths, stride-2 conv layers come first and the projection covers what is left
+    of the patch (Xiao et al. 2021); each token then sees its own patch plus a rim of a few pixels."""
+
+    def __init__(
+        self, *, patch_size: int, in_chans: int, embed_dim: int, bias: bool, stem: tuple[int, ...] = ()
+    ) -> None:
+        super().__init__()
+        widths = (in_chans, *stem)
+        self.stem = nn.Sequential(*(StemLayer(a, b) for a, b in zip(widths, widths[1:]))) if stem else None
+        k = patch_size // 2 ** len(stem)
+        self.proj = nn.Conv2d(widths[-1], embed_dim, k, stride=k, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.stem is not None:
+            x = self.stem(x)
         x = self.proj(x)  # (B, C, gh, gw)
         return x.flatten(2).transpose(1, 2)  # (B, N, C), row-major patch order
 
@@ -134,7 +155,9 @@ class VisionTransformer(nn.Module):
         self.config = config
         c = config
         dim = c.embed_dim
-        self.patch_embed = PatchEmbed(patch_size=c.patch_size, in_chans=c.in_chans, embed_dim=dim, bias=c.patch_bias)
+        self.patch_embed = PatchEmbed(
+            patch_size=c.patch_size, in_chans=c.in_chans, embed_dim=dim, bias=c.patch_bias, stem=c.conv_stem
+        )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if c.class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, dim)) if c.distill_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, c.num_registers, dim)) if c.num_registers else None

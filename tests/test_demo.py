@@ -27,6 +27,31 @@ def test_masks_match_drawn_pixels():
         assert (diff > 0).mean() > 0.5
 
 
+def test_distractor_blobs_are_never_round():
+    import cv2
+
+    from viz_app.demo.scenes import _draw_distractor
+
+    rng = np.random.default_rng(3)
+    blobs = 0
+    for _ in range(300):
+        m = _draw_distractor(rng, 96, 40.0)
+        ys, xs = np.nonzero(m)
+        if m.sum() < 0.5 * (np.ptp(ys) + 1) * (np.ptp(xs) + 1):  # lines and scribbles fill little of their box
+            continue
+        blobs += 1
+        edge = m & ~cv2.erode(m.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+        ey, ex = np.nonzero(edge)
+        r = np.hypot(ey - ys.mean(), ex - xs.mean())
+        assert r.max() >= 1.3 * r.min()  # a drawn disk of this size stays under 1.1
+    assert blobs > 30
+    disk = cv2.circle(np.zeros((96, 96), np.uint8), (48, 48), 20, 1, -1).astype(bool)  # the check itself
+    edge = disk & ~cv2.erode(disk.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    ey, ex = np.nonzero(edge)
+    r = np.hypot(ey - 48, ex - 48)
+    assert r.max() < 1.1 * r.min()
+
+
 def test_target_fully_inside_and_sized():
     for seed in range(30):
         s = make_scene(np.random.default_rng(seed), size=96)

@@ -162,6 +162,7 @@ def test_wrong_input_size_is_a_clear_error():
         ({"act": "relu"}, "act must be"),
         ({"class_token": False}, "needs a class token"),
         ({"num_registers": 2, "pos_embed_prefix": 4}, "pos_embed_prefix"),
+        ({"conv_stem": (8, 8, 8, 8)}, "conv stem of 4 stride-2 layers"),
     ],
 )
 def test_config_validation(kw, msg):
@@ -173,6 +174,33 @@ def test_config_is_hashable_and_round_trips():
     c = ViTConfig(**TINY)
     assert hash(c) == hash(ViTConfig.from_dict(c.to_dict()))
     assert c.grid == (4, 4) and c.num_tokens == 17 and c.head_dim == 16
+
+
+def test_conv_stem_model_round_trips_and_keeps_the_patch_grid(tmp_path):
+    from safetensors.torch import save_file
+
+    from viz_app.cli import model_arrays
+
+    c = ViTConfig(**{**TINY, "conv_stem": [8, 16], "num_classes": 3})
+    assert c.conv_stem == (8, 16) and not c.linear_patch_embed and ViTConfig.from_dict(c.to_dict()) == c
+    m = VisionTransformer(c)
+    m.init_weights(seed=1)
+    assert m.patch_embed.proj.weight.shape == (48, 16, 2, 2)  # 32 px -> 16 -> 8 -> 2x2 projection -> 4x4 grid
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so that loading must restore them
+        m.patch_embed.stem[0].norm.running_mean.uniform_(-1, 1)
+        m.patch_embed.stem[0].norm.running_var.uniform_(0.5, 2)
+    m.eval()
+    out = m(_x())
+    assert out.logits.shape == (2, 3) and out.attentions[0].shape == (2, 3, 17, 17)
+    save_file({k: v.float().contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"format": "vit-lens", "config": c.to_dict()}))
+    lm = load_checkpoint(tmp_path)
+    assert not lm.model.training
+    torch.testing.assert_close(lm.model(_x()).logits, out.logits)
+    arrays = model_arrays(lm)
+    assert "position_similarity" in arrays and "filter_components" not in arrays  # no linear filters to show
 
 
 def test_load_strict_accepts_exact_state():

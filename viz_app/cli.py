@@ -104,16 +104,20 @@ def analyze_batch(lm: LoadedModel, pixels: torch.Tensor) -> tuple[Forward, dict[
 def model_arrays(lm: LoadedModel) -> dict[str, np.ndarray]:
     c = lm.config
     pos = lm.model.pos_embed.detach().float().cpu()[0, c.pos_embed_prefix :]
-    pca = A.filter_pca(lm.model.patch_embed.proj.weight.detach().float().cpu())
-    return {
+    arrays = {
         "position_similarity": A.position_similarity(pos).numpy(),
         "grid": np.array(c.grid),
-        "filter_components": pca.components.numpy(),
-        "filter_explained_variance": pca.explained_variance_ratio.numpy(),
-        "filter_mean": pca.mean.numpy(),
         "pixel_mean": np.array(lm.preprocessing.mean),
         "pixel_std": np.array(lm.preprocessing.std),
     }
+    if c.linear_patch_embed:  # a conv stem has no per-patch linear filters to decompose
+        pca = A.filter_pca(lm.model.patch_embed.proj.weight.detach().float().cpu())
+        arrays |= {
+            "filter_components": pca.components.numpy(),
+            "filter_explained_variance": pca.explained_variance_ratio.numpy(),
+            "filter_mean": pca.mean.numpy(),
+        }
+    return arrays
 
 
 def top5(lm: LoadedModel, probs: np.ndarray) -> list[dict]:

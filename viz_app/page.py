@@ -126,10 +126,16 @@ def model_card(lm: LoadedModel) -> None:
     c, p = lm.config, lm.preprocessing
     named = [n for n in c.prefix_names if not n.startswith("reg")]
     prefix = ", ".join(named) + (f" + {c.num_registers} registers" if c.num_registers else "")
+    stem = (
+        "linear (as in the paper)"
+        if c.linear_patch_embed
+        else f"conv stem {'-'.join(map(str, c.conv_stem))}, then linear"
+    )
     st.markdown(
         f"**{lm.name}**  \n"
         f"family: {lm.family} ({lm.format})  \n"
         f"patch {c.patch_size} px, input {c.image_size[1]}x{c.image_size[0]}, grid {c.grid[0]}x{c.grid[1]}  \n"
+        f"patch embedding: {stem}  \n"
         f"prefix tokens: {prefix or 'none'}  \n"
         f"{c.depth} layers x {c.num_heads} heads, width {c.embed_dim}, {lm.model.num_params() / 1e6:.1f} M parameters  \n"
         f"classes: {c.num_classes or 'none (features)'}  \n"

@@ -265,6 +265,25 @@ def embeddings(ctx: Ctx) -> None:
         st.caption(
             f"Neighbour contrast (4-neighbours minus 4+ apart): {A.neighbour_contrast(torch.from_numpy(sim), c.grid):.3f}"
         )
+    if c.linear_patch_embed:
+        patch_filters(ctx)
+    else:
+        st.markdown("**Patch-embedding filters** (paper Fig. 7, left)")
+        st.info(
+            f"Not available for this model: it embeds patches with a convolutional stem ({len(c.conv_stem)} "
+            "stride-2 conv layers before the projection), so there is no linear filter per patch whose principal "
+            "components could be shown in pixel space."
+        )
+    st.markdown("**Token norms per layer**, with high-norm outlier patch tokens (over 2x the layer's median) marked")
+    norms = ctx.result.token_norms
+    outl = A.token_norm_outliers(torch.from_numpy(norms), num_prefix=c.num_prefix_tokens).numpy()
+    st.plotly_chart(
+        figures.token_norm_map(norms, outl, num_prefix=c.num_prefix_tokens, prefix_names=c.prefix_names), key="pe_norms"
+    )
+
+
+def patch_filters(ctx: Ctx) -> None:
+    c = ctx.lm.config
     st.markdown("**Patch-embedding filters** (paper Fig. 7, left): principal components of the linear patch "
                 "embedding, centred first, each with its own symmetric contrast (grey = 0), sign fixed.")  # fmt: skip
     pca = A.filter_pca(ctx.lm.model.patch_embed.proj.weight.detach().float().cpu())
@@ -275,12 +294,6 @@ def embeddings(ctx: Ctx) -> None:
         f"Explained variance of the first {len(ev)}: {ev.sum():.1%} (first three: "
         + ", ".join(f"{v:.1%}" for v in ev[:3])
         + f"). The filters act on normalized pixels: mean {pre.mean}, std {pre.std}."
-    )
-    st.markdown("**Token norms per layer**, with high-norm outlier patch tokens (over 2x the layer's median) marked")
-    norms = ctx.result.token_norms
-    outl = A.token_norm_outliers(torch.from_numpy(norms), num_prefix=c.num_prefix_tokens).numpy()
-    st.plotly_chart(
-        figures.token_norm_map(norms, outl, num_prefix=c.num_prefix_tokens, prefix_names=c.prefix_names), key="pe_norms"
     )
 
 

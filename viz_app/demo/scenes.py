@@ -21,6 +21,7 @@ import numpy as np
 CLASSES = ("circle", "square", "triangle", "star", "plus", "hexagon", "ring", "heart")
 PHOTOS = Path(__file__).resolve().parents[2] / "assets" / "examples"
 SIZE_RANGE = (0.15, 0.45)  # target extent (bounding diameter) as a share of the image side
+BLOB_IRREGULARITY = 1.6  # a distractor blob's longest radius over its shortest, at least
 MIN_CONTRAST = 90.0  # RGB distance between a shape's colour and the background under it
 PALETTE = np.array(
     [
@@ -163,9 +164,16 @@ def _draw_distractor(rng: np.random.Generator, S: int, size: float) -> np.ndarra
     else:  # an irregular blob: no class has this outline
         k = 24
         a = np.linspace(0, 2 * np.pi, k, endpoint=False)
-        coef = rng.normal(0, 1, (3, 2)) * np.array([[0.25], [0.18], [0.12]])
-        rad = 1 + sum(coef[i, 0] * np.cos((i + 2) * a) + coef[i, 1] * np.sin((i + 2) * a) for i in range(3))
-        rad = np.clip(rad, 0.45, 1.4) * size / 2 / max(1.0, rad.max())
+        for _ in range(20):  # never nearly round: a round blob would pass for a circle or hexagon
+            coef = rng.normal(0, 1, (3, 2)) * np.array([[0.25], [0.18], [0.12]])
+            rad = np.clip(
+                1 + sum(coef[i, 0] * np.cos((i + 2) * a) + coef[i, 1] * np.sin((i + 2) * a) for i in range(3)),
+                0.45,
+                1.4,
+            )
+            if rad.max() >= BLOB_IRREGULARITY * rad.min():
+                break
+        rad = rad * size / 2 / rad.max()
         pts = np.stack([rad * np.cos(a), rad * np.sin(a)], 1) + centre
         cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 1)
     return mask.astype(bool)

@@ -42,6 +42,7 @@ class Recipe:
     num_heads: int = 6
     mlp_ratio: int = 4
     global_pool: str = "token"
+    conv_stem: str = ""  # e.g. "48,96,192": an early-convolution stem (model card says so); "" = linear
     steps: int = 8000
     batch_size: int = 64
     lr: float = 1.5e-4  # 3e-4 and 1e-3 left this plain ViT at chance for 1000+ steps (batch 64)
@@ -77,6 +78,7 @@ class Recipe:
             mlp_dim=self.mlp_ratio * self.embed_dim,
             num_classes=len(CLASSES),
             global_pool=self.global_pool,
+            conv_stem=tuple(int(c) for c in self.conv_stem.split(",") if c.strip()),
         )
 
 
