@@ -42,12 +42,15 @@ class Recipe:
     num_heads: int = 6
     mlp_ratio: int = 4
     global_pool: str = "token"
-    conv_stem: str = ""  # e.g. "48,96,192": an early-convolution stem (model card says so); "" = linear
-    steps: int = 8000
+    # Early-convolution stem widths (Xiao et al. 2021), the allowed fallback: the plain
+    # linear embedding reached 54 % in 8000 steps and 0.28 training accuracy at step 400, where the
+    # stem reached 0.71. "" gives the paper's linear patch embedding.
+    conv_stem: str = "48,96,192"
+    steps: int = 16000
     batch_size: int = 64
-    lr: float = 1.5e-4  # 3e-4 and 1e-3 left this plain ViT at chance for 1000+ steps (batch 64)
+    lr: float = 5e-4  # with the conv stem; a plain ViT needed 1.5e-4 (3e-4 and 1e-3 stayed at chance)
     min_lr: float = 1e-5
-    warmup: int = 300
+    warmup: int = 500
     weight_decay: float = 0.05
     label_smoothing: float = 0.0
     # Curriculum: difficulty starts at 0 (one large shape on a smooth background) and rises by
@@ -85,7 +88,7 @@ class Recipe:
 # Seconds: a small model memorizes two fixed batches of scenes, so the loss must fall.
 SMOKE = dict(
     image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, steps=40, batch_size=32, warmup=5, lr=3e-3,
-    pool=2, curriculum_step=1.0, label_smoothing=0.0,
+    pool=2, curriculum_step=1.0, label_smoothing=0.0, conv_stem="8,16",
 )  # fmt: skip
 
 
