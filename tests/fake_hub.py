@@ -14,7 +14,8 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 class HubState:
     def __init__(self, repos: dict[str, dict[str, bytes]]):
         self.repos = repos
-        self.mode = "ok"  # ok | 500 | cut | slow
+        self.mode = "ok"  # ok | 500 | 404 (every path) | cut (weights body cut short) | slow
+        self.delay = 5.0  # seconds the "slow" server waits before answering
         self.requests: list[str] = []
 
 
@@ -37,8 +38,10 @@ def _handler(state: HubState):
             repo, filename, _ = self._route()
             if state.mode == "500":
                 return self._error(500, "Internal Error")
+            if state.mode == "404":
+                return self._error(404, "")
             if state.mode == "slow":
-                time.sleep(30)
+                time.sleep(state.delay)
             if repo not in state.repos:
                 return self._error(404, "RepoNotFound")
             files = state.repos[repo]
@@ -63,8 +66,9 @@ def _handler(state: HubState):
         def _error(self, code: int, kind: str):
             msg = kind.encode()
             self.send_response(code)
-            self.send_header("X-Error-Code", kind)
-            self.send_header("X-Error-Message", kind)
+            if kind:  # the hub names its errors; a plain web server does not
+                self.send_header("X-Error-Code", kind)
+                self.send_header("X-Error-Message", kind)
             self.send_header("Content-Length", str(len(msg)))
             self.end_headers()
             if self.command != "HEAD":

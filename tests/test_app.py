@@ -238,3 +238,37 @@ def test_demo_model_is_the_default_and_sanity_tab_scores_a_scene():
     shown = [s for s in charts(at) if s["data"] and s["data"][0].get("type") == "bar"]
     assert shown, "top-5 bar chart"
     np.testing.assert_allclose(sorted(decode(shown[0]["data"][0]["x"]))[::-1], probs.topk(5).values.numpy(), atol=1e-5)
+
+
+def test_failing_hub_then_working_hub_then_offline_cache(tmp_path, monkeypatch):
+    """A hub download that fails gives one message and keeps the model; once the server works the
+    model loads; with HF_HUB_OFFLINE=1 the page lists what is cached."""
+    from huggingface_hub import constants
+
+    from model.weights import hub
+
+    import fake_hub
+    import hf_models
+
+    folder = tmp_path / "repo"
+    hf_models.save(hf_models.build("vit", patch_size=16, image_size=64), folder)
+    files = {p.name: p.read_bytes() for p in folder.iterdir()}
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hub, "TIMEOUT_S", 1.0)
+    with fake_hub.serve({"acme/tiny-vit": files}) as (url, state):
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        state.mode = "500"
+        at = load_path(run_app(), Path("acme/tiny-vit"))
+        assert [e.value for e in at.error] == [
+            "Could not load the model: the hub answered 500 for acme/tiny-vit; try again later"
+        ]
+        assert at.tabs[0].label == "Overview" and not list((tmp_path / "cache").rglob("*.incomplete"))
+        state.mode = "ok"
+        at.button(key="main_load").click().run()
+        no_problems(at)
+        assert any("acme/tiny-vit" in m.value for m in at.markdown)  # its model card
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    at = run_app()
+    at.radio(key="main_kind").set_value("Path or hub id").run()
+    assert any("Hub models in the cache: acme/tiny-vit" in c.value for c in at.caption)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model import DownloadError, load_checkpoint
-from model.weights import cached_repos
+from model.weights import cached_repos, hub
 
 import fake_hub
 import hf_models
@@ -59,16 +59,25 @@ def test_offline_and_not_cached(tmp_path, monkeypatch):
         load_checkpoint("hf-hub:timm/vit_base_patch16_224.augreg2_in21k_ft_in1k", cache_dir=tmp_path)
 
 
-@pytest.mark.parametrize("mode", ["500", "cut"])
-def test_server_errors_leave_no_partial_file(tmp_path, repo_files, online, mode):
+@pytest.mark.parametrize("mode", ["500", "404", "cut", "slow"])
+def test_server_failures_are_clear_fast_and_leave_no_partial_file(tmp_path, repo_files, online, mode, monkeypatch):
+    monkeypatch.setattr(hub, "TIMEOUT_S", 1.0)
     with fake_hub.serve({"acme/tiny-vit": repo_files}) as (url, state):
-        state.mode = mode
-        with pytest.raises(DownloadError):
+        state.mode, state.delay = mode, 3.0
+        start = time.monotonic()
+        with pytest.raises(DownloadError) as err:
             load_checkpoint("acme/tiny-vit", endpoint=url, cache_dir=tmp_path)
-    incomplete = list(tmp_path.rglob("*.incomplete"))
-    complete = [p for p in tmp_path.rglob("model.safetensors") if p.is_file()]
-    assert not complete, "no weights may land in the cache from a failed download"
-    assert all(p.stat().st_size < len(repo_files["model.safetensors"]) for p in incomplete)
+        took = time.monotonic() - start
+    msg = str(err.value)
+    assert "acme/tiny-vit" in msg and "Traceback" not in msg and len(msg.splitlines()) == 1
+    expected = {"500": "answered 500", "404": "not found", "slow": "did not answer within 1 s", "cut": "failed"}[mode]
+    assert expected in msg
+    if mode != "cut":  # a cut body is retried by huggingface_hub (resumable); the others fail at once
+        assert took < 10, took
+    leftovers = [
+        p for p in tmp_path.rglob("*") if p.is_file() and (p.suffix == ".incomplete" or p.name == "model.safetensors")
+    ]
+    assert not leftovers, "no partial or failed weights may stay in the cache"
     # and the same repository downloads fine once the server behaves
     with fake_hub.serve({"acme/tiny-vit": repo_files}) as (url, _):
         assert load_checkpoint("acme/tiny-vit", endpoint=url, cache_dir=tmp_path).config.grid == (4, 4)

@@ -9,6 +9,8 @@ import streamlit as st
 
 from model import PRETRAINED, ViTLensError, available_devices
 from model.preprocess import ImageError
+from model.weights import cached_repos, parse_hub_id
+from model.weights.hub import offline
 from model.weights.load import DEMO_DIR, LoadedModel
 from viz_app import cache, views
 
@@ -63,15 +65,24 @@ def model_picker(prefix: str, *, optional: bool = False) -> str | None:
     if kind == FALLBACK_KIND:
         return cache.RANDOM_SOURCE
     if kind == "Pretrained (download)":
+        cached = set(cached_repos())
+        in_cache = {k for k, v in PRETRAINED.items() if parse_hub_id(v.source) in cached}
         key = st.selectbox(
             "Pretrained model",
             list(PRETRAINED),
-            format_func=lambda k: f"{PRETRAINED[k].title} ({PRETRAINED[k].size_mb} MB)",
+            format_func=lambda k: (
+                f"{PRETRAINED[k].title} ({'cached' if k in in_cache else f'{PRETRAINED[k].size_mb} MB'})"
+            ),
             key=f"{prefix}_pretrained",
         )
         src = PRETRAINED[key]
-        st.caption(f"{src.source}. Downloaded once into the Hugging Face cache, only when you press the button.")
-        if st.button(f"Download and load ({src.size_mb} MB)", key=f"{prefix}_download"):
+        if offline():
+            listed = ", ".join(sorted(cached)) or "none"
+            st.caption(f"Offline (HF_HUB_OFFLINE is set): only cached models load. In the cache: {listed}.")
+        else:
+            st.caption(f"{src.source}. Downloaded once into the Hugging Face cache, only when you press the button.")
+        verb = "Load from cache" if key in in_cache else f"Download and load ({src.size_mb} MB)"
+        if st.button(verb, key=f"{prefix}_download"):
             return key
         return None
     if kind == "Upload a checkpoint":
@@ -86,6 +97,8 @@ def model_picker(prefix: str, *, optional: bool = False) -> str | None:
     text = st.text_input(
         "Checkpoint path or hub id", key=f"{prefix}_path", placeholder="hf-hub:timm/... or /path/model.pth"
     )
+    if offline():
+        st.caption(f"Offline (HF_HUB_OFFLINE is set). Hub models in the cache: {', '.join(cached_repos()) or 'none'}.")
     if st.button("Load", key=f"{prefix}_load") and text.strip():
         return text.strip()
     return None

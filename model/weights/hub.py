@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -15,7 +17,7 @@ log = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors")
 CONFIG_FILES = ("config.json", "preprocessor_config.json")
-TIMEOUT_S = 10.0
+TIMEOUT_S = float(os.environ.get("VIT_LENS_HUB_TIMEOUT_S", "10"))  # per request; no answer in time = failure
 PROBE_TIMEOUT_S = 5.0
 
 
@@ -44,12 +46,15 @@ def download_repo(
     Honours HF_HUB_OFFLINE (only the cache is used). Every failure becomes one DownloadError.
     Files land in the cache only once complete (huggingface_hub writes .incomplete first).
     """
+    from huggingface_hub import constants, hf_hub_download
     from huggingface_hub import errors as hf_errors
-    from huggingface_hub import hf_hub_download
 
+    # one endpoint for the probes and the downloads; HF_ENDPOINT is read now, not at import
+    endpoint = endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
     local_only = offline()
     if not local_only:
         _probe(endpoint)
+        _preflight(endpoint, repo_id)
 
     def fetch(filename: str) -> Path | None:
         if progress:
@@ -70,6 +75,16 @@ def download_repo(
         except hf_errors.EntryNotFoundError:
             return None
         return Path(path)
+
+    try:
+        return _download(repo_id, fetch, local_only)
+    except DownloadError:
+        _remove_partials(repo_id, cache_dir)
+        raise
+
+
+def _download(repo_id: str, fetch: Callable[[str], Path | None], local_only: bool) -> Path:
+    from huggingface_hub import errors as hf_errors
 
     try:
         files = {name: fetch(name) for name in CONFIG_FILES}
@@ -119,6 +134,44 @@ def _probe(endpoint: str | None) -> None:
             f"cannot reach {url.scheme}://{url.netloc} ({e.strerror or type(e).__name__}); "
             "check the network, or set HF_HUB_OFFLINE=1 to use only models already in the cache"
         ) from None
+
+
+def _preflight(endpoint: str | None, repo_id: str) -> None:
+    """One request without retries: a hub that answers 5xx or nothing within TIMEOUT_S fails now,
+    not after huggingface_hub's retries with backoff (which take minutes with a slow server)."""
+    from huggingface_hub import constants
+
+    base = (endpoint or constants.ENDPOINT).rstrip("/")
+    req = urllib.request.Request(f"{base}/{repo_id}/resolve/main/config.json", method="HEAD")
+    slow = f"the hub did not answer within {TIMEOUT_S:.0f} s for {repo_id}; try again later"
+    try:
+        urllib.request.urlopen(req, timeout=TIMEOUT_S).close()
+    except urllib.error.HTTPError as e:
+        if e.code >= 500:
+            raise DownloadError(f"the hub answered {e.code} for {repo_id}; try again later") from None
+        if e.code == 404 and e.headers.get("X-Error-Code", "RepoNotFound") == "RepoNotFound":
+            raise DownloadError(f"{repo_id} was not found at {base} (it answered 404)") from None
+        # a missing config.json, 401/403 and friends: huggingface_hub turns them into precise messages
+    except TimeoutError:
+        raise DownloadError(slow) from None
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, TimeoutError):
+            raise DownloadError(slow) from None
+        raise DownloadError(f"cannot reach the hub for {repo_id}: {e.reason}") from None
+    except OSError as e:
+        raise DownloadError(f"cannot reach the hub for {repo_id}: {_first_line(e)}") from None
+
+
+def _remove_partials(repo_id: str, cache_dir: str | Path | None) -> None:
+    """Delete the half-written blobs a failed download left (huggingface_hub keeps them to resume)."""
+    from huggingface_hub import constants
+
+    folder = Path(cache_dir or constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--")) / "blobs"
+    for p in folder.glob("*.incomplete"):
+        try:
+            p.unlink()
+        except OSError as e:  # a concurrent download of the same file may hold it; it cleans up itself
+            log.warning("could not remove %s: %s", p, e)
 
 
 def cached_repos(cache_dir: str | Path | None = None) -> list[str]:
