@@ -17,6 +17,8 @@ from viz_app import cache, views
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 EXAMPLES = ASSETS / "examples"
 SCENES = DEMO_DIR / "scenes"
+# Shown as hints, not enforced by the uploader: a file of any other kind reaches our own checks and
+# gets a message that says what is wrong with it (the uploader's filter would reject it unexplained).
 IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif"]
 CHECKPOINT_TYPES = ["npz", "pth", "pt", "bin", "safetensors"]
 MODEL_KINDS = ("Embedded demo", "Pretrained (download)", "Upload a checkpoint", "Path or hub id")
@@ -50,6 +52,15 @@ def init_state() -> None:
 
 
 NO_MODEL = "None"
+
+
+def within_upload_limit(name: str, size: int) -> bool:
+    """The server refuses bigger uploads already; this says so plainly wherever a file arrives."""
+    limit_mb = int(st.get_option("server.maxUploadSize"))
+    if size > limit_mb * 2**20:
+        st.error(f"{name} is {size / 2**20:.0f} MB, over the upload limit of {limit_mb} MB (server.maxUploadSize).")
+        return False
+    return True
 
 
 def model_picker(prefix: str, *, optional: bool = False) -> str | None:
@@ -86,8 +97,12 @@ def model_picker(prefix: str, *, optional: bool = False) -> str | None:
             return key
         return None
     if kind == "Upload a checkpoint":
-        up = st.file_uploader("Checkpoint file", type=CHECKPOINT_TYPES, key=f"{prefix}_ckpt")
-        if up is None:
+        up = st.file_uploader(
+            "Checkpoint file",
+            key=f"{prefix}_ckpt",
+            help=f"{', '.join(CHECKPOINT_TYPES)}; pickles load without running code",
+        )
+        if up is None or not within_upload_limit(up.name, up.size):
             return None
         data = up.getvalue()
         d = cache.digest(data)
@@ -112,8 +127,8 @@ def image_picker() -> tuple[str, bytes, str] | None:
         name = st.selectbox("Example", list(items), key="img_example")
         data = items[name].read_bytes()
     elif how == "Upload":
-        up = st.file_uploader("Image file", type=IMAGE_TYPES, key="img_upload")
-        if up is None:
+        up = st.file_uploader("Image file", key="img_upload", help=f"{', '.join(IMAGE_TYPES)} (first frame)")
+        if up is None or not within_upload_limit(up.name, up.size):
             return None
         name, data = up.name, up.getvalue()
     else:
