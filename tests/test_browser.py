@@ -7,6 +7,7 @@ run; elsewhere these tests are skipped when Chromium is not installed.
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import socket
@@ -213,3 +214,71 @@ def test_gallery_scene_screenshots(page):
     wait_idle(page)
     page.screenshot(path=str(ARTIFACTS / "readme_heads.png"))
     assert page.get_by_text("attention of token").count() >= 1
+
+
+def test_eight_sessions_at_once_each_see_their_own_results(browser, server):
+    """8 sessions upload different images and change layer/head at the same time; each downloaded
+    analysis equals what viz_app computes for that image alone; the server stays up."""
+    from model import load_checkpoint, load_image, prepare_image
+    from viz_app.results import analyze_image
+
+    n = 8
+    images = [png_bytes(100 + i) for i in range(n)]
+    contexts = [browser.new_context(viewport={"width": 1300, "height": 900}, accept_downloads=True) for _ in range(n)]
+    pages = [c.new_page() for c in contexts]
+    try:
+        for pg in pages:
+            pg.set_default_timeout(240_000)
+            pg.goto(server)
+        for pg in pages:
+            wait_idle(pg, 240)
+            pg.get_by_text("Upload", exact=True).first.click()
+        for pg in pages:
+            wait_idle(pg, 240)
+        for i, pg in enumerate(pages):  # all uploads in flight together
+            pg.locator("section[data-testid='stSidebar'] input[type='file']").last.set_input_files(
+                files=[{"name": f"user{i}.png", "mimeType": "image/png", "buffer": images[i]}]
+            )
+        for pg in pages:
+            wait_idle(pg, 240)
+            pg.get_by_role("tab", name="Heads").click()
+        for i, pg in enumerate(pages):  # each user picks another layer ...
+            wait_idle(pg, 240)
+            slider = pg.locator("[data-testid='stSlider']").first
+            box = slider.bounding_box()
+            slider.click(position={"x": box["width"] * 0.1, "y": box["height"] - 6})  # focus the track
+            pg.keyboard.press("Home")
+            for _ in range(i % 6):
+                pg.keyboard.press("ArrowRight")
+        for i, pg in enumerate(pages):  # ... and another head
+            wait_idle(pg, 240)
+            pg.locator("[data-testid='stSelectbox']").filter(has_text="Head").last.click()
+            pg.keyboard.type(str(5 - i % 6))
+            pg.keyboard.press("Enter")
+        for i, pg in enumerate(pages):
+            wait_idle(pg, 240)
+            assert pg.get_by_text(f"Layer {1 + i % 6}, head {5 - i % 6}:").count() == 1, i
+        for pg in pages:
+            wait_idle(pg, 240)
+            pg.get_by_role("tab", name="Download").click()
+        downloads = []
+        for pg in pages:
+            wait_idle(pg, 240)
+            with pg.expect_download() as d:
+                pg.get_by_role("button", name="Analysis (NPZ)").click()
+            downloads.append(np.load(d.value.path()))
+        lm = load_checkpoint("demo")
+        for i, npz in enumerate(downloads):
+            alone = analyze_image(lm, prepare_image(load_image(images[i], name=f"user{i}.png"), lm.preprocessing))
+            settings = json.loads(str(npz["settings_json"]))
+            assert settings["model"]["source"] == "demo", i
+            np.testing.assert_allclose(npz["attentions"], alone.attentions.numpy(), atol=1e-5, err_msg=f"session {i}")
+            np.testing.assert_allclose(npz["rollout"], alone.rollout, atol=1e-5, err_msg=f"session {i}")
+            np.testing.assert_allclose(npz["probabilities"], alone.probs, atol=1e-5, err_msg=f"session {i}")
+        for pg in pages:
+            assert pg.locator("[data-testid='stException']").count() == 0
+    finally:
+        for c in contexts:
+            c.close()
+    with urllib.request.urlopen(server + "/_stcore/health", timeout=5) as r:
+        assert r.read() == b"ok"
