@@ -272,3 +272,26 @@ def test_failing_hub_then_working_hub_then_offline_cache(tmp_path, monkeypatch):
     at = run_app()
     at.radio(key="main_kind").set_value("Path or hub id").run()
     assert any("Hub models in the cache: acme/tiny-vit" in c.value for c in at.caption)
+
+
+def test_memory_warning_instead_of_dying(monkeypatch):
+    from viz_app import pipeline
+
+    monkeypatch.setattr(pipeline, "available_memory_bytes", lambda device: 1024)
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    assert not at.exception and not at.tabs
+    assert any("needs about" in w.value and "free on cpu" in w.value for w in at.warning)
+    at.checkbox(key="mem_override").check().run()
+    no_problems(at)
+    assert at.tabs[0].label == "Overview"
+
+
+def test_memory_estimate_grows_with_tokens_and_gradients():
+    from viz_app.pipeline import analysis_memory_bytes
+
+    b16, l16 = ViTConfig(), ViTConfig(image_size=384, embed_dim=1024, depth=24, num_heads=16, mlp_dim=4096)
+    maps_l16 = 24 * 16 * 577**2
+    assert analysis_memory_bytes(l16, torch.float32) >= 3 * 4 * maps_l16  # maps, their stack, one temporary
+    assert analysis_memory_bytes(b16, torch.float32) < analysis_memory_bytes(l16, torch.float32) / 10
+    assert analysis_memory_bytes(b16, torch.bfloat16) < analysis_memory_bytes(b16, torch.float32)
+    assert analysis_memory_bytes(b16, torch.float32, gradients=True) > analysis_memory_bytes(b16, torch.float32)

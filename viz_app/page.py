@@ -12,7 +12,7 @@ from model.preprocess import ImageError
 from model.weights import cached_repos, parse_hub_id
 from model.weights.hub import offline
 from model.weights.load import DEMO_DIR, LoadedModel
-from viz_app import cache, views
+from viz_app import cache, pipeline, views
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 EXAMPLES = ASSETS / "examples"
@@ -222,6 +222,8 @@ def main() -> None:
     if image is None:
         st.info("Choose or upload an image in the sidebar.")
         st.stop()
+    if not memory_fits(lm):
+        st.stop()
     result = cache.get_result(source, device, dtype, digest, image)
     ctx = views.Ctx(lm=lm, result=result, original=image, source=source, device=device, dtype=dtype, digest=digest)
     names = ["Overview", "Heads", "Rollout", "Embeddings", "Attention distance", "Compare", "Download"]
@@ -267,6 +269,21 @@ def demo_scores() -> dict | None:
 
 
 SETTING_PREFIXES = ("ov_", "hd_", "ro_", "pe_", "md_", "cmp_")
+
+
+def memory_fits(lm: LoadedModel) -> bool:
+    """Warn, instead of dying, when the analysis would not fit in free memory."""
+    need = pipeline.analysis_memory_bytes(lm.config, lm.dtype)
+    free = pipeline.available_memory_bytes(lm.device)
+    if free is None or need <= 0.8 * free:
+        return True
+    c = lm.config
+    st.warning(
+        f"The analysis of one image with this model needs about {need / 2**30:.1f} GB "
+        f"({c.depth} layers x {c.num_heads} heads x {c.num_tokens}^2 attention values), but only "
+        f"{free / 2**30:.1f} GB is free on {lm.device}. Choose a smaller input size or model, bf16, or another device."
+    )
+    return st.checkbox("Run anyway", key="mem_override")
 
 
 def view_settings() -> dict:

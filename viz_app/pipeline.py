@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from model.config import ViTConfig
 from model.vit import VisionTransformer
 
 
@@ -70,3 +71,39 @@ def run_forward(
         grads=torch.stack(grads, dim=1).float(),
         target=target.detach(),
     )
+
+
+def analysis_memory_bytes(config: ViTConfig, dtype: torch.dtype, *, batch: int = 1, gradients: bool = False) -> int:
+    """Peak extra memory of run_forward + the default analyses, estimated before running.
+
+    The attention maps dominate: B * L * H * T^2 values, held once in the model's dtype, once
+    stacked in float32, plus float32 temporaries of the analyses (about one more copy). Block
+    activations are small beside them at ViT sizes. Gradients keep the autograd graph (about
+    two more copies of the maps) and their own float32 stack.
+    """
+    values = batch * config.depth * config.num_heads * config.num_tokens**2
+    width = torch.finfo(dtype).bits // 8
+    activations = batch * config.num_tokens * (4 * config.embed_dim + config.mlp_dim) * 4
+    total = values * (width + 4 + 4) + 4 * activations
+    if gradients:
+        total += values * (2 * width + 4) + config.depth * activations
+    return int(total)
+
+
+def available_memory_bytes(device: torch.device | str) -> int | None:
+    """Free memory where the analysis would run: the GPU's free memory, or the host's
+    MemAvailable; None where it cannot be told."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "mps":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
