@@ -49,7 +49,18 @@ def test_cli_matches_transformers_reference(tmp_path, hf_folder, images):
     folder, hf = hf_folder
     out = tmp_path / "out"
     rc = main(
-        ["analyze", "--model", str(folder), "--batch-size", "2", "--save-attentions", "--out", str(out), str(images)]
+        [
+            "analyze",
+            "--model",
+            str(folder),
+            "--batch-size",
+            "2",
+            "--save-attentions",
+            "--grad-rollout",
+            "--out",
+            str(out),
+            str(images),
+        ]  # fmt: skip
     )
     assert rc == 0
     lm = load_checkpoint(folder)
@@ -115,7 +126,7 @@ def test_headless_model_writes_features(tmp_path, images):
     folder = tmp_path / "dino"
     hf_models.save(hf_models.build("dinov2_reg", patch_size=14, image_size=56), folder)
     out = tmp_path / "out"
-    assert main(["analyze", "--model", str(folder), "--out", str(out), str(images / "img0.png")]) == 0
+    assert main(["analyze", "--model", str(folder), "--grad-rollout", "--out", str(out), str(images / "img0.png")]) == 0
     rec = np.load(out / "img0.npz")
     assert "features" in rec and "logits" not in rec and "grad_rollout" not in rec
     assert rec["rollout"].shape == (4, 4)

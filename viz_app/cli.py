@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     a.add_argument("--batch-size", type=int, default=8)
     a.add_argument("--save-attentions", action="store_true", help="also store attentions (L, H, T, T) float32")
+    a.add_argument(
+        "--grad-rollout",
+        action="store_true",
+        help="also the gradient rollout for the top-1 class (one backward pass per batch: about 2x the time)",
+    )
     a.add_argument("--image-size", type=int, default=None, help="run at another resolution (resamples positions)")
     a.add_argument("--out", required=True, type=Path, help="output folder")
     a.add_argument("inputs", nargs="+", type=Path, help="images or folders of images")
@@ -84,10 +89,12 @@ def unique_stems(files: list[Path]) -> list[str]:
     return out
 
 
-def analyze_batch(lm: LoadedModel, pixels: torch.Tensor) -> tuple[Forward, dict[str, np.ndarray]]:
+def analyze_batch(
+    lm: LoadedModel, pixels: torch.Tensor, *, grad_rollout: bool = False
+) -> tuple[Forward, dict[str, np.ndarray]]:
     """The per-image arrays the CLI stores, for a batch (B, 3, H, W)."""
     c = lm.config
-    fwd = run_forward(lm.model, pixels, gradients=c.num_classes > 0)
+    fwd = run_forward(lm.model, pixels, gradients=grad_rollout and c.num_classes > 0)
     kw = dict(num_prefix=c.num_prefix_tokens, grid=c.grid, readout_tokens=c.readout_tokens)
     arrays = {
         "rollout": A.attention_rollout(fwd.attentions, **kw),
@@ -176,7 +183,7 @@ def run_analyze(args: argparse.Namespace) -> int:
             items.append(Item(path, stem, prepare_image(img, lm.preprocessing), np.asarray(img)))
         if items:
             pixels = torch.stack([it.prepared.pixels for it in items]).to(lm.device, lm.dtype)
-            fwd, arrays = analyze_batch(lm, pixels)
+            fwd, arrays = analyze_batch(lm, pixels, grad_rollout=args.grad_rollout)
             logits = fwd.logits.cpu().numpy() if fwd.logits is not None else None
             feats = fwd.features.cpu().numpy()
             attns = fwd.attentions.cpu().numpy() if args.save_attentions else None
