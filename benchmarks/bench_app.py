@@ -100,12 +100,16 @@ def browser_upload_times(checkpoint: Path | None, repeats: int, port: int) -> li
                     files=[{"name": f"img{i}.png", "mimeType": "image/png", "buffer": data}]
                 )
                 # done when the images on the page are new ones and the run is over
-                pg.wait_for_function(
-                    "(before) => { const imgs = [...document.querySelectorAll(\"[data-testid='stImage'] img\")];"
-                    " return imgs.length >= 2 && imgs.map(i => i.src).join('|') !== before"
-                    " && !document.querySelector(\"[data-testid='stStatusWidget']\"); }",
-                    arg=before,
-                )
+                deadline = start + 120
+                while True:
+                    now_srcs = pg.evaluate(f"() => {js_srcs}")
+                    running = pg.locator("[data-testid='stStatusWidget']").count() > 0
+                    if now_srcs != before and now_srcs.count("|") >= 1 and not running:
+                        break
+                    if time.perf_counter() > deadline:
+                        pg.screenshot(path=str(ROOT / "tests" / "artifacts" / "bench_timeout.png"))
+                        raise TimeoutError(f"no new overlay after 120 s (images: {now_srcs[:200]})")
+                    time.sleep(0.01)
                 elapsed = time.perf_counter() - start
                 if i:
                     times.append(elapsed)
