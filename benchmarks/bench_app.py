@@ -35,7 +35,9 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 def new_image(seed: int) -> bytes:
     rng = np.random.default_rng(seed)
     img = np.asarray(Image.open(ROOT / "assets" / "examples" / "chelsea.jpg").convert("RGB")).copy()
-    img[:24, :24] = rng.integers(0, 255, (24, 24, 3))  # a new digest every time
+    h, w = img.shape[:2]
+    # a new digest and a new view every time: the block sits in the centre, inside any crop
+    img[h // 2 - 20 : h // 2 + 20, w // 2 - 20 : w // 2 + 20] = rng.integers(0, 255, (40, 40, 3))
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
     return buf.getvalue()
