@@ -27,6 +27,8 @@ class ViTOutput:
     features: (B, F) pooled representation (after pre-logits where the model has one).
     embeds: (B, projection_dim) CLIP image embeddings, or None.
     attentions: tuple of L tensors (B, H, T, T), post-softmax, rows sum to 1; None if not asked.
+    attention_stack: the same maps as one (B, L, H, T, T) view without a copy, when they were
+        computed without autograd; None otherwise.
     token_norms: (B, L + 1, T) L2 norm of every token of the residual stream after the
         embedding and after each block; None if not asked.
     tokens: (B, T, C) the final tokens (after the encoder's final norm where the model has one);
@@ -37,6 +39,7 @@ class ViTOutput:
     features: Tensor
     embeds: Tensor | None = None
     attentions: tuple[Tensor, ...] | None = None
+    attention_stack: Tensor | None = None
     token_norms: Tensor | None = None
     tokens: Tensor | None = None
 
@@ -96,16 +99,26 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x: (B, T, C) -> (output (B, T, C), attention probabilities (B, H, T, T))."""
+    def forward(self, x: Tensor, attn_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x: (B, T, C) -> (output (B, T, C), attention probabilities (B, H, T, T)).
+
+        attn_out: a contiguous (B, H, T, T) tensor of the scores' dtype to write the
+        probabilities into (no autograd), so that a caller can keep every layer's maps in one
+        block of memory without a copy.
+        """
         B, T, C = x.shape
         H = self.num_heads
-        qkv = self.qkv(x).view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
-        q, k, v = qkv.unbind(0)  # each (B, H, T, D)
-        scores = torch.matmul(q * self.scale, k.transpose(-2, -1))  # (B, H, T, T)
-        attn = scores.softmax(dim=-1)
-        out = torch.matmul(attn, v)  # (B, H, T, D)
-        out = out.transpose(1, 2).reshape(B, T, C)
+        # one copy into (3, B*H, T, D): q, k, v are then contiguous batches for bmm
+        qkv = self.qkv(x).view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4).reshape(3, B * H, T, C // H)
+        q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
+        scores = torch.bmm(q, k.transpose(1, 2)).view(B, H, T, T)
+        if attn_out is not None and attn_out.dtype == scores.dtype:
+            attn = torch.softmax(scores, dim=-1, out=attn_out)
+        else:
+            attn = scores.softmax(dim=-1)  # the tensor the caller gets is the one the graph uses
+            if attn_out is not None:
+                attn_out.copy_(attn)
+        out = torch.bmm(attn.view(B * H, T, T), v).view(B, H, T, C // H).transpose(1, 2).reshape(B, T, C)
         return self.proj(out), attn
 
 
@@ -142,8 +155,8 @@ class Block(nn.Module):
         self.mlp = Mlp(dim=dim, hidden=config.mlp_dim, act=config.act)
         self.ls2 = LayerScale(dim) if config.layer_scale else nn.Identity()
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        y, attn = self.attn(self.norm1(x))
+    def forward(self, x: Tensor, attn_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        y, attn = self.attn(self.norm1(x), attn_out)
         x = x + self.ls1(y)
         x = x + self.ls2(self.mlp(self.norm2(x)))
         return x, attn
@@ -177,6 +190,8 @@ class VisionTransformer(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
         """Truncated-normal init (std 0.02) as in timm/big_vision; zeros for biases."""
+        if any(p.is_meta for p in self.parameters()):
+            return  # built on the meta device: the weights come from a checkpoint
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         for name, p in self.named_parameters():
             if name.endswith("gamma"):
@@ -234,8 +249,14 @@ class VisionTransformer(nn.Module):
         x = self.embed(pixels)
         attentions = []
         norms = [x.norm(dim=-1)] if output_token_norms else None
-        for block in self.blocks:
-            x, attn = block(x)
+        # Without autograd, every layer writes its maps into one (L, B, H, T, T) block, so that
+        # callers get them stacked without another copy (a tensor made here, not module state).
+        stack = None
+        if output_attentions and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
+            c = self.config
+            stack = x.new_empty(c.depth, x.shape[0], c.num_heads, x.shape[1], x.shape[1])
+        for i, block in enumerate(self.blocks):
+            x, attn = block(x, None if stack is None else stack[i])
             if output_attentions:
                 attentions.append(attn)
             if norms is not None:
@@ -257,6 +278,7 @@ class VisionTransformer(nn.Module):
             features=feats,
             embeds=embeds,
             attentions=tuple(attentions) if output_attentions else None,
+            attention_stack=stack.transpose(0, 1) if stack is not None else None,
             token_norms=torch.stack(norms, dim=1) if norms is not None else None,
             tokens=x if output_tokens else None,
         )

@@ -279,3 +279,17 @@ def test_token_norm_outliers():
     norms[1, 2, 7] = 50
     out = A.token_norm_outliers(norms, num_prefix=1)
     assert out.shape == (2, 3, 9) and out.sum() == 1 and out[1, 2, 6]
+
+
+def test_chunked_analyses_equal_the_whole_computation(monkeypatch):
+    from viz_app.analysis import chunks
+
+    g = torch.Generator().manual_seed(0)
+    attn = torch.rand(2, 3, 4, 10, 10, generator=g).softmax(-1)  # (B, L, H, T, T)
+    stacked = attn.transpose(0, 1).contiguous().transpose(0, 1)  # the model's (L, B, ...) layout
+    kw = dict(num_prefix=1, grid=(3, 3), patch_size=16)
+    whole = (A.mean_attention_distance(attn, **kw), A.attention_entropy(attn))
+    monkeypatch.setattr(chunks, "CHUNK_VALUES", 150)  # one 10x10 map per chunk
+    for x in (attn, stacked):
+        torch.testing.assert_close(A.mean_attention_distance(x, **kw), whole[0])
+        torch.testing.assert_close(A.attention_entropy(x), whole[1])

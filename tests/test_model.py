@@ -206,3 +206,14 @@ def test_conv_stem_model_round_trips_and_keeps_the_patch_grid(tmp_path):
 def test_load_strict_accepts_exact_state():
     m = _model()
     load_strict(_model(seed=5), m.state_dict())
+
+
+def test_attention_stack_holds_every_map_in_one_block():
+    m = _model()
+    with torch.inference_mode():
+        out = m(_x(batch=3))
+    assert out.attention_stack.shape == (3, 2, 3, 17, 17)
+    torch.testing.assert_close(out.attention_stack, torch.stack(out.attentions, 1), rtol=0, atol=0)
+    assert out.attentions[0].data_ptr() == out.attention_stack.data_ptr()  # no copy
+    with torch.enable_grad():
+        assert m(_x()).attention_stack is None  # maps in the autograd graph stay separate tensors

@@ -47,7 +47,9 @@ def run_forward(
             return Forward(
                 logits=None if out.logits is None else out.logits.float(),
                 features=out.features.float(),
-                attentions=torch.stack(out.attentions, dim=1).float(),
+                attentions=(
+                    out.attention_stack if out.attention_stack is not None else torch.stack(out.attentions, dim=1)
+                ).float(),
                 token_norms=out.token_norms.float(),
             )
     if model.head is None:

@@ -215,8 +215,9 @@ def _build(
     state["pos_embed"] = resample_pos_embed(
         state["pos_embed"], src_grid=src_grid, dst_grid=config.grid, num_prefix=config.pos_embed_prefix, method=method
     )
-    model = VisionTransformer(config)
-    load_strict(model, state, context=f"{fmt} checkpoint {Path(source).name}")
+    with torch.device("meta"):  # no memory and no random init for weights about to be replaced
+        model = VisionTransformer(config)
+    load_strict(model, state, context=f"{fmt} checkpoint {Path(source).name}", assign=True)
     family = hints.family or _guess_family(config)
     pre = hints.preprocessing or DEFAULT_PREPROCESSING.get(family, DEFAULT_PREPROCESSING["ViT"])
     pre = replace(pre, input_size=config.image_size)
@@ -235,8 +236,11 @@ def _build(
     )
 
 
-def load_strict(model: torch.nn.Module, state: dict[str, Tensor], *, context: str = "") -> None:
-    """load_state_dict(strict=True), but a mismatch raises one report of every bad key."""
+def load_strict(model: torch.nn.Module, state: dict[str, Tensor], *, context: str = "", assign: bool = False) -> None:
+    """load_state_dict(strict=True), but a mismatch raises one report of every bad key.
+
+    assign: the model's tensors become the (contiguous, dtype-matched) checkpoint tensors instead
+    of being copied into; use it for a model built on the meta device (peak memory = one copy)."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -247,7 +251,9 @@ def load_strict(model: torch.nn.Module, state: dict[str, Tensor], *, context: st
     ]
     if missing or unexpected or wrong:
         raise IncompatibleCheckpointError(missing=missing, unexpected=unexpected, wrong_shape=wrong, context=context)
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+    model.load_state_dict(
+        {k: v.to(expected[k].dtype).contiguous() for k, v in state.items()}, strict=True, assign=assign
+    )
 
 
 def _guess_family(config: ViTConfig) -> str:

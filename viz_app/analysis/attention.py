@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .chunks import map_chunks
+
 READOUTS = ("auto", "cls", "dist", "mean", "patches")
 
 
@@ -101,8 +103,12 @@ def attention_entropy(attn: Tensor, *, num_prefix: int = 0, patches_only: bool =
 
     patches_only: average over patch queries only (the prefix rows are left out).
     """
-    p = attn.float()
-    ent = -(p * torch.log(p.clamp_min(1e-30))).sum(dim=-1)  # (..., H, T)
+
+    def row_entropy(p: Tensor) -> Tensor:  # (k, T, T) -> (k, T)
+        p = p.float()
+        return -(p * torch.log(p.clamp_min(1e-30))).sum(dim=-1)
+
+    ent = map_chunks(attn, row_entropy)  # (..., H, T)
     if patches_only:
         ent = ent[..., num_prefix:]
     return ent.mean(dim=-1)

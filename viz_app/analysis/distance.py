@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .chunks import map_chunks
+
 CONVENTIONS = ("as_is", "renormalized")
 
 
@@ -33,9 +35,12 @@ def mean_attention_distance(
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     P = num_prefix
-    a = attns[..., P:, P:].float()  # (..., H, N, N): patch queries to patch keys
-    if convention == "renormalized":
-        a = a / a.sum(dim=-1, keepdim=True).clamp_min(1e-30)
     d = patch_distances(grid, patch_size, device=attns.device)
-    per_query = (a * d).sum(dim=-1)  # (..., H, N)
-    return per_query.mean(dim=-1)
+
+    def per_query(a: Tensor) -> Tensor:  # (k, N, N) patch queries to patch keys -> (k, N)
+        a = a.float()
+        if convention == "renormalized":
+            a = a / a.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+        return (a * d).sum(dim=-1)
+
+    return map_chunks(attns[..., P:, P:], per_query).mean(dim=-1)
