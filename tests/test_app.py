@@ -295,3 +295,19 @@ def test_memory_estimate_grows_with_tokens_and_gradients():
     assert analysis_memory_bytes(b16, torch.float32) < analysis_memory_bytes(l16, torch.float32) / 10
     assert analysis_memory_bytes(b16, torch.bfloat16) < analysis_memory_bytes(b16, torch.float32)
     assert analysis_memory_bytes(b16, torch.float32, gradients=True) > analysis_memory_bytes(b16, torch.float32)
+
+
+def test_conv_stem_model_explains_the_missing_filter_view(tmp_path):
+    cfg = ViTConfig(image_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_dim=64, num_classes=3,
+                    conv_stem=(8, 16, 32))  # fmt: skip
+    m = VisionTransformer(cfg)
+    m.init_weights(seed=0)
+    save_file({k: v.float().contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"format": "vit-lens", "config": cfg.to_dict()}))
+    at = load_path(run_app(), tmp_path)
+    no_problems(at)
+    assert any("conv stem 8-16-32" in m.value for m in at.markdown)  # the model card says so
+    open_tab(at, "Embeddings")
+    no_problems(at)
+    assert any("convolutional stem" in i.value for i in at.info)
+    assert len(at.get("image")) >= 1  # the position-embedding tiles are still there
