@@ -176,6 +176,28 @@ def test_config_is_hashable_and_round_trips():
     assert c.grid == (4, 4) and c.num_tokens == 17 and c.head_dim == 16
 
 
+@pytest.mark.parametrize("with_config", [True, False])
+def test_conv_stem_checkpoint_at_the_demo_sizes_loads(tmp_path, with_config):
+    """96 px, patch 8, three stride-2 layers: the projection kernel is 1, the grid 12 x 12."""
+    from safetensors.torch import save_file
+
+    c = ViTConfig(image_size=96, patch_size=8, embed_dim=24, depth=1, num_heads=2, mlp_dim=48, num_classes=8,
+                  conv_stem=(4, 8, 12))  # fmt: skip
+    m = VisionTransformer(c)
+    m.init_weights(seed=2)
+    m.eval()
+    save_file({k: v.float().contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    if with_config:
+        import json
+
+        (tmp_path / "config.json").write_text(json.dumps({"format": "vit-lens", "config": c.to_dict()}))
+    lm = load_checkpoint(tmp_path if with_config else tmp_path / "model.safetensors")
+    assert lm.config.conv_stem == (4, 8, 12) and lm.config.grid == (12, 12) and lm.config.image_size == (96, 96)
+    if with_config:  # without it the head count is a guess from the width
+        x = _x(size=(96, 96))
+        torch.testing.assert_close(lm.model(x).logits, m(x).logits)
+
+
 def test_conv_stem_model_round_trips_and_keeps_the_patch_grid(tmp_path):
     from safetensors.torch import save_file
 

@@ -62,6 +62,12 @@ def infer_config(
     if pw.ndim != 4 or pw.shape[2] != pw.shape[3]:
         raise CheckpointError(f"patch embedding has shape {tuple(pw.shape)}; expected (C, 3, p, p)")
     width, in_chans, p = int(pw.shape[0]), int(pw.shape[1]), int(pw.shape[2])
+    # an early-convolution stem: stride-2 layers before the projection (ViT Lens' conv_stem)
+    stem = []
+    while (conv := state.get(f"patch_embed.stem.{len(stem)}.conv.weight")) is not None:
+        stem.append(conv)
+    if stem:
+        in_chans, p = int(stem[0].shape[1]), p * 2 ** len(stem)
     blocks = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
     if not blocks:
         raise CheckpointError("checkpoint has no transformer blocks")
@@ -70,6 +76,7 @@ def infer_config(
     cfg: dict = {
         "patch_size": p,
         "in_chans": in_chans,
+        "conv_stem": tuple(int(w.shape[0]) for w in stem),
         "embed_dim": width,
         "depth": depth,
         "num_heads": heads_for_width(width),
@@ -102,6 +109,7 @@ def infer_config(
     pe = state["pos_embed"]
     if pe.ndim != 3 or pe.shape[0] != 1 or pe.shape[2] != width:
         raise CheckpointError(f"position embedding has shape {tuple(pe.shape)}; expected (1, T, {width})")
+    p = cfg["patch_size"]
     k, grid = pos_layout(
         int(pe.shape[1]),
         num_prefix=num_prefix,
