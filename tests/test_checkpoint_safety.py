@@ -102,3 +102,22 @@ def test_transformers_config_that_lies_about_sizes(tmp_path):
 def test_unknown_source():
     with pytest.raises(CheckpointError, match="no such file"):
         load_checkpoint("/nonexistent/dir/model.pth")
+
+
+def test_loaded_weights_do_not_follow_the_file(tmp_path):
+    """A checkpoint rewritten in place while its model is loaded leaves the model as it was."""
+    from model import VisionTransformer, ViTConfig
+
+    c = ViTConfig(image_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_dim=64, num_classes=2)
+    m = VisionTransformer(c)
+    m.init_weights(seed=0)
+    path = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path))
+    lm = load_checkpoint(path)
+    before = lm.model.pos_embed.clone()
+    data = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    data[header:] = bytes(len(data) - header)  # every weight byte zeroed, in place
+    with open(path, "r+b") as f:
+        f.write(data)
+    assert torch.equal(lm.model.pos_embed, before)

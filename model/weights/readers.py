@@ -64,13 +64,15 @@ def read_torch(path: str | Path) -> dict[str, Tensor]:
 
 def read_safetensors(path: str | Path) -> dict[str, Tensor]:
     """A .safetensors file; the header is checked against the file size before anything is read."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
 
     p = Path(path)
     _check_safetensors_header(p)
     try:
-        return dict(load_file(str(p), device="cpu"))
+        # tensors from safetensors map the file; a clone each makes the weights our own memory, so
+        # that a file rewritten while the model is in use cannot change it (or crash the server)
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{p.name} is not a readable safetensors file: {_first_line(e)}") from None
 
