@@ -271,7 +271,7 @@ def test_failing_hub_then_working_hub_then_offline_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     at = run_app()
     at.radio(key="main_kind").set_value("Path or hub id").run()
-    assert any("Hub models in the cache: acme/tiny-vit" in c.value for c in at.caption)
+    assert any("Hub models in the cache: acme/tiny-vit" in c.value for c in at.caption), [c.value for c in at.caption]
 
 
 def test_memory_warning_instead_of_dying(monkeypatch):

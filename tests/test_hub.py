@@ -81,3 +81,14 @@ def test_server_failures_are_clear_fast_and_leave_no_partial_file(tmp_path, repo
     # and the same repository downloads fine once the server behaves
     with fake_hub.serve({"acme/tiny-vit": repo_files}) as (url, _):
         assert load_checkpoint("acme/tiny-vit", endpoint=url, cache_dir=tmp_path).config.grid == (4, 4)
+
+
+def test_cached_repo_loads_while_the_hub_is_down(tmp_path, repo_files, online):
+    with fake_hub.serve({"acme/tiny-vit": repo_files}) as (url, _):
+        load_checkpoint("acme/tiny-vit", endpoint=url, cache_dir=tmp_path)
+    with socket.socket() as s:  # nobody listens here any more
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    start = time.monotonic()
+    assert load_checkpoint("acme/tiny-vit", endpoint=dead, cache_dir=tmp_path).config.grid == (4, 4)
+    assert time.monotonic() - start < 5

@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -17,7 +15,17 @@ log = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors")
 CONFIG_FILES = ("config.json", "preprocessor_config.json")
-TIMEOUT_S = float(os.environ.get("VIT_LENS_HUB_TIMEOUT_S", "10"))  # per request; no answer in time = failure
+
+
+def _timeout_from_env(default: float = 10.0) -> float:
+    try:
+        value = float(os.environ.get("VIT_LENS_HUB_TIMEOUT_S", default))
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+TIMEOUT_S = _timeout_from_env()  # per request; no answer in time = failure
 PROBE_TIMEOUT_S = 5.0
 
 
@@ -50,8 +58,10 @@ def download_repo(
     from huggingface_hub import errors as hf_errors
 
     # one endpoint for the probes and the downloads; HF_ENDPOINT is read now, not at import
-    endpoint = endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
-    local_only = offline()
+    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    # a repository already in the cache loads from it, with or without a network (delete it from
+    # the cache to download it again)
+    local_only = offline() or repo_id in cached_repos(cache_dir)
     if not local_only:
         _probe(endpoint)
         _preflight(endpoint, repo_id)
@@ -76,11 +86,7 @@ def download_repo(
             return None
         return Path(path)
 
-    try:
-        return _download(repo_id, fetch, local_only)
-    except DownloadError:
-        _remove_partials(repo_id, cache_dir)
-        raise
+    return _download(repo_id, fetch, local_only)
 
 
 def _download(repo_id: str, fetch: Callable[[str], Path | None], local_only: bool) -> Path:
@@ -136,50 +142,36 @@ def _probe(endpoint: str | None) -> None:
         ) from None
 
 
-def _preflight(endpoint: str | None, repo_id: str) -> None:
-    """One request without retries: a hub that answers 5xx or nothing within TIMEOUT_S fails now,
-    not after huggingface_hub's retries with backoff (which take minutes with a slow server)."""
-    from huggingface_hub import constants
+def _preflight(endpoint: str, repo_id: str) -> None:
+    """One request without retries, through huggingface_hub's own HTTP session (its proxies,
+    certificates and token): a hub that answers 5xx or nothing within TIMEOUT_S fails now, not
+    after huggingface_hub's retries with backoff (minutes with a slow server)."""
+    from huggingface_hub.utils import build_hf_headers, get_session
 
-    base = (endpoint or constants.ENDPOINT).rstrip("/")
-    req = urllib.request.Request(f"{base}/{repo_id}/resolve/main/config.json", method="HEAD")
-    slow = f"the hub did not answer within {TIMEOUT_S:.0f} s for {repo_id}; try again later"
+    url = f"{endpoint}/{repo_id}/resolve/main/config.json"
     try:
-        urllib.request.urlopen(req, timeout=TIMEOUT_S).close()
-    except urllib.error.HTTPError as e:
-        if e.code >= 500:
-            raise DownloadError(f"the hub answered {e.code} for {repo_id}; try again later") from None
-        if e.code == 404 and e.headers.get("X-Error-Code", "RepoNotFound") == "RepoNotFound":
-            raise DownloadError(f"{repo_id} was not found at {base} (it answered 404)") from None
-        # a missing config.json, 401/403 and friends: huggingface_hub turns them into precise messages
-    except TimeoutError:
-        raise DownloadError(slow) from None
-    except urllib.error.URLError as e:
-        if isinstance(e.reason, TimeoutError):
-            raise DownloadError(slow) from None
-        raise DownloadError(f"cannot reach the hub for {repo_id}: {e.reason}") from None
-    except OSError as e:
+        r = get_session().head(url, headers=build_hf_headers(), timeout=TIMEOUT_S, follow_redirects=True)
+    except Exception as e:  # noqa: BLE001 - the HTTP client's own exception types
+        if "timeout" in type(e).__name__.lower():
+            raise DownloadError(
+                f"the hub did not answer within {TIMEOUT_S:.0f} s for {repo_id}; try again later"
+            ) from None
         raise DownloadError(f"cannot reach the hub for {repo_id}: {_first_line(e)}") from None
-
-
-def _remove_partials(repo_id: str, cache_dir: str | Path | None) -> None:
-    """Delete the half-written blobs a failed download left (huggingface_hub keeps them to resume)."""
-    from huggingface_hub import constants
-
-    folder = Path(cache_dir or constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--")) / "blobs"
-    for p in folder.glob("*.incomplete"):
-        try:
-            p.unlink()
-        except OSError as e:  # a concurrent download of the same file may hold it; it cleans up itself
-            log.warning("could not remove %s: %s", p, e)
+    if r.status_code >= 500:
+        raise DownloadError(f"the hub answered {r.status_code} for {repo_id}; try again later")
+    if r.status_code == 404 and r.headers.get("X-Error-Code") in (None, "RepoNotFound"):
+        # the hub names a missing file EntryNotFound (fine: config.json is optional); a missing
+        # repository RepoNotFound; a server that is not a hub at all says nothing
+        raise DownloadError(f"{repo_id} was not found at {endpoint} (it answered 404)")
+    # 401/403 (private or gated) and the rest: huggingface_hub turns them into precise messages
 
 
 def cached_repos(cache_dir: str | Path | None = None) -> list[str]:
     """Repository ids with a complete weights file in the local hub cache (works offline)."""
     try:
-        from huggingface_hub import scan_cache_dir
+        from huggingface_hub import constants, scan_cache_dir
 
-        info = scan_cache_dir(cache_dir)
+        info = scan_cache_dir(cache_dir or constants.HF_HUB_CACHE)  # read now: its default is bound at import
     except Exception:  # noqa: BLE001 - no cache yet, or unreadable: nothing is cached
         return []
     out = []
