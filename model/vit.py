@@ -112,6 +112,8 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4).reshape(3, B * H, T, C // H)
         q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
         scores = torch.bmm(q, k.transpose(1, 2)).view(B, H, T, T)
+        if attn_out is not None and torch.is_grad_enabled():
+            attn_out = None  # out= has no autograd; the caller's block is only for no-grad runs
         if attn_out is not None and attn_out.dtype == scores.dtype:
             attn = torch.softmax(scores, dim=-1, out=attn_out)
         else:
@@ -254,7 +256,7 @@ class VisionTransformer(nn.Module):
         stack = None
         if output_attentions and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
             c = self.config
-            stack = x.new_empty(c.depth, x.shape[0], c.num_heads, x.shape[1], x.shape[1])
+            stack = x.new_empty(len(self.blocks), x.shape[0], c.num_heads, x.shape[1], x.shape[1])
         for i, block in enumerate(self.blocks):
             x, attn = block(x, None if stack is None else stack[i])
             if output_attentions:
@@ -291,7 +293,16 @@ class VisionTransformer(nn.Module):
         c = self.config
         T, C, M = c.num_tokens, c.embed_dim, c.mlp_dim
         per_block = 2 * T * (3 * C * C + C * C + 2 * C * M) + 2 * 2 * T * T * C
-        patch = 2 * c.num_patches * C * c.in_chans * c.patch_size**2
+        if c.conv_stem:  # 3x3 stride-2 layers, then the projection over what is left of a patch
+            h, w = c.image_size
+            widths, patch = (c.in_chans, *c.conv_stem), 0
+            for a, b in zip(widths, widths[1:]):
+                h, w = (h + 1) // 2, (w + 1) // 2
+                patch += 2 * h * w * b * a * 9
+            k = c.patch_size // 2 ** len(c.conv_stem)
+            patch += 2 * c.num_patches * C * widths[-1] * k * k
+        else:
+            patch = 2 * c.num_patches * C * c.in_chans * c.patch_size**2
         return float(c.depth * per_block + patch)
 
 

@@ -281,9 +281,11 @@ def test_memory_warning_instead_of_dying(monkeypatch):
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
     assert not at.exception and not at.tabs
     assert any("needs about" in w.value and "free on cpu" in w.value for w in at.warning)
-    at.checkbox(key="mem_override").check().run()
+    at.button(key="mem_override").click().run()
     no_problems(at)
     assert at.tabs[0].label == "Overview"
+    at.run()  # later reruns do not ask again for the same model
+    assert at.tabs[0].label == "Overview" and not at.warning
 
 
 def test_memory_estimate_grows_with_tokens_and_gradients():
@@ -291,9 +293,10 @@ def test_memory_estimate_grows_with_tokens_and_gradients():
 
     b16, l16 = ViTConfig(), ViTConfig(image_size=384, embed_dim=1024, depth=24, num_heads=16, mlp_dim=4096)
     maps_l16 = 24 * 16 * 577**2
-    assert analysis_memory_bytes(l16, torch.float32) >= 3 * 4 * maps_l16  # maps, their stack, one temporary
+    assert 4 * maps_l16 <= analysis_memory_bytes(l16, torch.float32) <= 8 * maps_l16  # the maps once, plus a margin
     assert analysis_memory_bytes(b16, torch.float32) < analysis_memory_bytes(l16, torch.float32) / 10
-    assert analysis_memory_bytes(b16, torch.bfloat16) < analysis_memory_bytes(b16, torch.float32)
+    # bf16 maps are analysed as a float32 copy: more memory than fp32 maps analysed in place
+    assert analysis_memory_bytes(b16, torch.bfloat16) > analysis_memory_bytes(b16, torch.float32)
     assert analysis_memory_bytes(b16, torch.float32, gradients=True) > analysis_memory_bytes(b16, torch.float32)
 
 

@@ -60,7 +60,7 @@ def test_every_hostile_image_through_the_app(at):
             assert not any("last good image" in c.value for c in at.caption), name
         else:
             assert len(errors) == 1 and name in errors[0] and "Traceback" not in errors[0], (name, errors)
-        assert took < 30, (name, took)
+        assert took < 60, (name, took)  # a bound, with room for a loaded CI machine
         upload_image(at, "good.png", good)  # the app keeps working after each one
         assert not at.error and at.tabs[0].label == "Overview"
 
@@ -84,8 +84,8 @@ def test_hostile_checkpoint_uploads(at, tmp_path):
     at.radio(key="main_kind").set_value("Upload a checkpoint").run()
     for name, data, says in [
         ("evil.pth", evil.getvalue(), "refusing to unpickle"),
-        ("cut.safetensors", truncated, "safetensors"),
-        ("noise.npz", b"PK\x03\x04" + b"\x00" * 100, "npz"),
+        ("cut.safetensors", truncated, "claims"),
+        ("noise.npz", b"PK\x03\x04" + b"\x00" * 100, "not a readable"),
     ]:
         at.file_uploader(key="main_ckpt").set_value((name, data, "application/octet-stream")).run()
         assert not at.exception, [e.value for e in at.exception]

@@ -9,7 +9,7 @@ import streamlit as st
 
 from model import PRETRAINED, ViTLensError, available_devices
 from model.preprocess import ImageError
-from model.weights import cached_repos, parse_hub_id
+from model.weights import parse_hub_id
 from model.weights.hub import offline
 from model.weights.load import DEMO_DIR, LoadedModel
 from viz_app import cache, pipeline, views
@@ -52,6 +52,14 @@ def init_state() -> None:
 
 
 NO_MODEL = "None"
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def cached_repos() -> list[str]:
+    """Hub repositories in the local cache (a scan of the cache folder, refreshed every 30 s)."""
+    from model.weights import cached_repos as scan
+
+    return scan()
 
 
 def within_upload_limit(name: str, size: int) -> bool:
@@ -222,7 +230,7 @@ def main() -> None:
     if image is None:
         st.info("Choose or upload an image in the sidebar.")
         st.stop()
-    if not memory_fits(lm):
+    if not memory_fits(lm, (source, device, dtype)):
         st.stop()
     result = cache.get_result(source, device, dtype, digest, image)
     ctx = views.Ctx(lm=lm, result=result, original=image, source=source, device=device, dtype=dtype, digest=digest)
@@ -271,11 +279,16 @@ def demo_scores() -> dict | None:
 SETTING_PREFIXES = ("ov_", "hd_", "ro_", "pe_", "md_", "cmp_")
 
 
-def memory_fits(lm: LoadedModel) -> bool:
-    """Warn, instead of dying, when the analysis would not fit in free memory."""
+def memory_fits(lm: LoadedModel, key: tuple[str, str, str]) -> bool:
+    """Warn, instead of dying, when the analysis would not fit in free memory. Checked until an
+    analysis with this model has run once (its cached results then take memory themselves)."""
+    ran = st.session_state.setdefault("memory_ok", set())
+    if key in ran:
+        return True
     need = pipeline.analysis_memory_bytes(lm.config, lm.dtype)
     free = pipeline.available_memory_bytes(lm.device)
     if free is None or need <= 0.8 * free:
+        ran.add(key)
         return True
     c = lm.config
     st.warning(
@@ -283,7 +296,10 @@ def memory_fits(lm: LoadedModel) -> bool:
         f"({c.depth} layers x {c.num_heads} heads x {c.num_tokens}^2 attention values), but only "
         f"{free / 2**30:.1f} GB is free on {lm.device}. Choose a smaller input size or model, bf16, or another device."
     )
-    return st.checkbox("Run anyway", key="mem_override")
+    if st.button("Run anyway", key="mem_override"):
+        ran.add(key)
+        return True
+    return False
 
 
 def view_settings() -> dict:

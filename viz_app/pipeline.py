@@ -78,34 +78,40 @@ def run_forward(
 def analysis_memory_bytes(config: ViTConfig, dtype: torch.dtype, *, batch: int = 1, gradients: bool = False) -> int:
     """Peak extra memory of run_forward + the default analyses, estimated before running.
 
-    The attention maps dominate: B * L * H * T^2 values, held once in the model's dtype, once
-    stacked in float32, plus float32 temporaries of the analyses (about one more copy). Block
-    activations are small beside them at ViT sizes. Gradients keep the autograd graph (about
-    two more copies of the maps) and their own float32 stack.
+    The attention maps dominate: B * L * H * T^2 values, written once into one block in the
+    model's dtype, plus a float32 copy when that dtype is narrower; the analyses work on them in
+    small chunks. Block activations are small beside them at ViT sizes. Gradients keep the
+    autograd graph (about two more copies of the maps) and their own float32 stack. A quarter
+    is added for what the estimate leaves out.
     """
     values = batch * config.depth * config.num_heads * config.num_tokens**2
     width = torch.finfo(dtype).bits // 8
     activations = batch * config.num_tokens * (4 * config.embed_dim + config.mlp_dim) * 4
-    total = values * (width + 4 + 4) + 4 * activations
+    total = values * (width + (4 if width < 4 else 0)) + 4 * activations
     if gradients:
         total += values * (2 * width + 4) + config.depth * activations
-    return int(total)
+    return int(1.25 * total)
 
 
 def available_memory_bytes(device: torch.device | str) -> int | None:
-    """Free memory where the analysis would run: the GPU's free memory, or the host's
-    MemAvailable; None where it cannot be told."""
+    """Free memory where the analysis would run: on a GPU its free memory plus what PyTorch holds
+    cached; on the host MemAvailable, capped by a cgroup (container) limit; None where unknown."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     if device.type == "mps":
         return None
+    found = []
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
     except OSError:
         pass
-    return None
+    try:  # cgroup v2: what the container may still use
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit != "max":
+            found.append(int(limit) - int(open("/sys/fs/cgroup/memory.current").read()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None

@@ -14,6 +14,9 @@ CHUNK_VALUES = 1 << 22  # values per temporary (16 MB in float32)
 def map_chunks(maps: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
     """maps (..., R, C) -> fn over flattened (k, R, C) chunks -> (..., *fn's trailing shape)."""
     lead, (R, C) = maps.shape[:-2], maps.shape[-2:]
+    if maps.numel() == 0:
+        out = fn(maps.reshape(-1, R, C))
+        return out.reshape(*lead, *out.shape[1:])
     try:
         flat = maps.view(-1, R, C)
     except RuntimeError:  # leading dims not mergeable without a copy (a batch of stacked maps): go one by one
