@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -49,19 +50,27 @@ def _handler(state: HubState):
                 return self._error(404, "EntryNotFound")
             body = files[filename]
             etag = hashlib.sha256(body).hexdigest()
-            self.send_response(200)
+            start = 0
+            rng = self.headers.get("Range", "")
+            if with_body and rng.startswith("bytes=") and rng[6:].split("-")[0].isdigit():
+                start = min(int(rng[6:].split("-")[0]), len(body))  # a resumed download, as a CDN serves it
+            self.send_response(206 if start else 200)
             self.send_header("X-Repo-Commit", COMMIT)
             self.send_header("ETag", f'"{etag}"')
-            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Length", str(len(body) - start))
+            if start:
+                self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
             self.send_header("Content-Type", "application/octet-stream")
             self.end_headers()
             if with_body:
                 if state.mode == "cut" and filename.endswith((".safetensors", ".bin")):
-                    self.wfile.write(body[: len(body) // 2])
+                    # the connection always drops at the same byte: resuming cannot get past it
+                    self.wfile.write(body[start : max(start, len(body) // 2)])
                     self.wfile.flush()
-                    self.connection.close()
+                    self.connection.shutdown(socket.SHUT_RDWR)  # close() alone leaves the client waiting
+                    self.close_connection = True
                     return
-                self.wfile.write(body)
+                self.wfile.write(body[start:])
 
         def _error(self, code: int, kind: str):
             msg = kind.encode()

@@ -72,8 +72,8 @@ def test_server_failures_are_clear_fast_and_leave_no_partial_file(tmp_path, repo
     assert "acme/tiny-vit" in msg and "Traceback" not in msg and len(msg.splitlines()) == 1
     expected = {"500": "answered 500", "404": "not found", "slow": "did not answer within 1 s", "cut": "failed"}[mode]
     assert expected in msg
-    if mode != "cut":  # a cut body is retried by huggingface_hub (resumable); the others fail at once
-        assert took < 10, took
+    # a cut body is resumed by huggingface_hub a few times (1 s apart); the others fail at once
+    assert took < (15 if mode == "cut" else 10), took
     leftovers = [
         p for p in tmp_path.rglob("*") if p.is_file() and (p.suffix == ".incomplete" or p.name == "model.safetensors")
     ]
