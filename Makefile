@@ -31,5 +31,9 @@ format: $(VENV)/.dev-installed
 test: lint
 	$(PY) -m pytest
 
+bench: $(VENV)/.dev-installed
+	$(PY) -m benchmarks.bench_perf
+	$(PY) -m benchmarks.bench_app
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache tests/artifacts
