@@ -206,8 +206,12 @@ predictions are meaningless, though its attention views still work.
   shipped model; the classifier and every view use the class token as in the paper. The
   target masks are thus used in training, which is worth knowing when reading the pointing
   scores below.
-- Trained on this project's 2-core CPU in {training.get("train_time_s", 0) / 60:.0f} minutes
-  (last logged training accuracy {last.get("train_acc", float("nan")):.3f}).
+- Trained on this project's 2-core CPU in {training.get("train_time_s", 0) / 60:.0f} minutes of training time
+  (last logged training accuracy {last.get("train_acc", float("nan")):.3f}). A stopped run resumes from its
+  checkpoint with the same batches; the last bits of the weights can differ between machines and
+  thread counts, so a rerun reproduces the scores, not the exact bytes.
+- Held-out accuracy on the full task during training (512 scenes, another seed than the scores
+  below): {", ".join(f"{h['step']}: {h['eval_acc']:.2f}" for h in hist if "eval_acc" in h)}.
 
 ## Scores
 Computed by `python -m viz_app.demo.evaluate --scenes {s["scenes"]}` on {s["scenes"]} fresh scenes of the
