@@ -89,7 +89,7 @@ def browser_upload_times(checkpoint: Path | None, repeats: int, port: int) -> li
                 box.fill(str(checkpoint))
                 box.press("Enter")
                 idle(pg)
-                pg.get_by_role("button", name="Load").click()
+                pg.get_by_role("button", name="Load", exact=True).first.click()
                 idle(pg)
             pg.get_by_text("Upload", exact=True).first.click()
             idle(pg)
