@@ -43,6 +43,7 @@ def init_state() -> None:
         "compare_source": None,
         "good_image": None,  # (digest, bytes, name) of the last image that decoded
         "uploads": {},  # digest -> (name, bytes) of the uploaded checkpoint
+        "memory_ok": set(),  # (source, device, dtype) whose analysis passed the memory check
     }
     for key, value in defaults.items():
         st.session_state.setdefault(key, value)
@@ -282,7 +283,7 @@ SETTING_PREFIXES = ("ov_", "hd_", "ro_", "pe_", "md_", "cmp_")
 def memory_fits(lm: LoadedModel, key: tuple[str, str, str]) -> bool:
     """Warn, instead of dying, when the analysis would not fit in free memory. Checked until an
     analysis with this model has run once (its cached results then take memory themselves)."""
-    ran = st.session_state.setdefault("memory_ok", set())
+    ran = st.session_state["memory_ok"]
     if key in ran:
         return True
     need = pipeline.analysis_memory_bytes(lm.config, lm.dtype)
@@ -294,7 +295,7 @@ def memory_fits(lm: LoadedModel, key: tuple[str, str, str]) -> bool:
     st.warning(
         f"The analysis of one image with this model needs about {need / 2**30:.1f} GB "
         f"({c.depth} layers x {c.num_heads} heads x {c.num_tokens}^2 attention values), but only "
-        f"{free / 2**30:.1f} GB is free on {lm.device}. Choose a smaller input size or model, bf16, or another device."
+        f"{free / 2**30:.1f} GB is free on {lm.device}. Choose a smaller input size or model, or another device."
     )
     if st.button("Run anyway", key="mem_override"):
         ran.add(key)

@@ -61,7 +61,8 @@ def download_repo(
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
     # a repository already in the cache loads from it, with or without a network (delete it from
     # the cache to download it again)
-    local_only = offline() or repo_id in cached_repos(cache_dir)
+    told_offline = offline()
+    local_only = told_offline or repo_id in cached_repos(cache_dir)
     if not local_only:
         _probe(endpoint)
         _preflight(endpoint, repo_id)
@@ -85,12 +86,6 @@ def download_repo(
         except hf_errors.EntryNotFoundError:
             return None
         return Path(path)
-
-    return _download(repo_id, fetch, local_only)
-
-
-def _download(repo_id: str, fetch: Callable[[str], Path | None], local_only: bool) -> Path:
-    from huggingface_hub import errors as hf_errors
 
     try:
         files = {name: fetch(name) for name in CONFIG_FILES}
@@ -118,9 +113,10 @@ def _download(repo_id: str, fetch: Callable[[str], Path | None], local_only: boo
     except Exception as e:  # noqa: BLE001 - httpx2 and friends raise their own types; say it plainly
         raise DownloadError(f"download of {repo_id} failed: {type(e).__name__}: {_first_line(e)}") from None
     if weights is None:
-        where = "in the local cache (HF_HUB_OFFLINE is set)" if local_only else "in the repository"
+        where = "in the local cache (HF_HUB_OFFLINE is set)" if told_offline else "in the repository"
         raise DownloadError(f"{repo_id}: no weights file ({', '.join(WEIGHT_FILES)}) found {where}")
-    if files["config.json"] is None and local_only:
+    # a repository cached by a download without config.json has none upstream either: fine online
+    if files["config.json"] is None and told_offline:
         raise DownloadError(f"{repo_id}: config.json is not in the local cache (HF_HUB_OFFLINE is set)")
     return weights.parent
 

@@ -22,5 +22,5 @@ def map_chunks(maps: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
     except RuntimeError:  # leading dims not mergeable without a copy (a batch of stacked maps): go one by one
         return torch.stack([map_chunks(m, fn) for m in maps.unbind(0)])
     step = max(1, CHUNK_VALUES // max(1, R * C))
-    out = torch.cat([fn(flat[i : i + step]) for i in range(0, flat.shape[0], step)]) if flat.shape[0] else fn(flat)
+    out = torch.cat([fn(flat[i : i + step]) for i in range(0, flat.shape[0], step)])
     return out.reshape(*lead, *out.shape[1:])
