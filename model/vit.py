@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ViTConfig
+from .linear import ACTIVATIONS, Linear
 
 
 @dataclass
@@ -42,20 +43,6 @@ class ViTOutput:
     attention_stack: Tensor | None = None
     token_norms: Tensor | None = None
     tokens: Tensor | None = None
-
-
-def quick_gelu(x: Tensor) -> Tensor:
-    return x * torch.sigmoid(1.702 * x)
-
-
-def _activation(name: str):
-    if name == "gelu":
-        return F.gelu
-    if name == "gelu_tanh":
-        return lambda x: F.gelu(x, approximate="tanh")
-    if name == "quick_gelu":
-        return quick_gelu
-    raise ValueError(f"unknown activation {name!r}")
 
 
 class StemLayer(nn.Module):
@@ -96,8 +83,8 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: Tensor, attn_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x: (B, T, C) -> (output (B, T, C), attention probabilities (B, H, T, T)).
@@ -127,12 +114,14 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, *, dim: int, hidden: int, act: str) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-        self.act = _activation(act)
+        if act not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {act!r}")
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
+        self.act = act
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.fc1(x, activation=self.act))
 
 
 class LayerScale(nn.Module):
@@ -182,11 +171,11 @@ class VisionTransformer(nn.Module):
         self.norm = nn.Identity() if c.fc_norm else nn.LayerNorm(dim, eps=c.norm_eps)
         pooled_dim = dim * (2 if c.global_pool == "token_avg" else 1)
         self.fc_norm = nn.LayerNorm(pooled_dim, eps=c.norm_eps) if c.fc_norm else nn.Identity()
-        self.pre_logits = nn.Linear(pooled_dim, c.representation_size) if c.representation_size else None
+        self.pre_logits = Linear(pooled_dim, c.representation_size) if c.representation_size else None
         feat = c.feature_dim
-        self.head = nn.Linear(feat, c.num_classes) if c.num_classes else None
-        self.head_dist = nn.Linear(feat, c.num_classes) if c.distilled_head and c.num_classes else None
-        self.proj = nn.Linear(feat, c.projection_dim, bias=False) if c.projection_dim else None
+        self.head = Linear(feat, c.num_classes) if c.num_classes else None
+        self.head_dist = Linear(feat, c.num_classes) if c.distilled_head and c.num_classes else None
+        self.proj = Linear(feat, c.projection_dim, bias=False) if c.projection_dim else None
         self.init_weights()
 
     @torch.no_grad()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from model import VisionTransformer, ViTConfig, load_checkpoint, resample_grid, resample_pos_embed
+from model.linear import pack_linears
 from model.weights import load_strict
 
 TINY = dict(image_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, mlp_dim=96)
@@ -71,8 +72,11 @@ def test_gradient_through_attentions_without_touching_parameters():
     assert g[1].abs().max() == 0
 
 
-def test_forward_writes_no_state_and_is_thread_safe():
+@pytest.mark.parametrize("packed", [False, True])
+def test_forward_writes_no_state_and_is_thread_safe(packed):
     m = _model()
+    if packed:
+        pack_linears(m)  # at load time, before the model is shared
     before = {k: v.clone() for k, v in m.state_dict().items()}
     attrs = {k: id(v) for k, v in vars(m).items()}
     inputs = [_x(seed=i) for i in range(6)]

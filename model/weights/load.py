@@ -13,6 +13,7 @@ from torch import Tensor
 from ..config import PRETRAINED, Preprocessing, ViTConfig
 from ..device import resolve_device, resolve_dtype
 from ..errors import CheckpointError, IncompatibleCheckpointError
+from ..linear import pack_linears
 from ..pos_embed import resample_pos_embed
 from ..vit import VisionTransformer
 from . import convert
@@ -224,6 +225,8 @@ def _build(
     labels = _labels_for(config, hints.labels)
     dev = resolve_device(device)
     model = model.to(device=dev, dtype=resolve_dtype(dtype, dev)).eval().requires_grad_(False)
+    if dev.type == "cpu":
+        pack_linears(model)  # oneDNN-packed weights for inference; skipped when they would not fit
     return LoadedModel(
         model=model,
         config=config,

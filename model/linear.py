@@ -1,0 +1,130 @@
+"""Linear layers that can run on a oneDNN-packed copy of their weight.
+
+On the CPU, F.linear goes through a generic GEMM that re-lays-out the weight on every call, and on
+some CPUs (MKL on AMD) through a slow path. oneDNN can reorder the weight once into its own blocked
+layout and then multiply with it directly, optionally with GELU fused into the output. That is
+what pack_linears does, once, when a model is loaded; the forward pass only reads the packed copy.
+
+A packed copy is used only where it is certainly the same weight: no autograd, the input on the
+CPU in the packed dtype, and the parameter's storage and version counter unchanged since packing
+(an in-place edit, load_state_dict or .to() falls back to F.linear). Parameters and state dict are
+those of nn.Linear.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def quick_gelu(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "gelu": F.gelu,  # exact (erf)
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": quick_gelu,
+}
+# activation -> oneDNN post-op (attr, algorithm); others are applied after the packed product
+FUSED = {"gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A weight reordered for oneDNN, and the identity of the parameter it was made from."""
+
+    tensor: Tensor
+    dtype: torch.dtype
+    data_ptr: int
+    version: int
+
+    def matches(self, weight: Tensor) -> bool:
+        return weight.data_ptr() == self.data_ptr and weight._version == self.version and weight.dtype == self.dtype
+
+
+def packing_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class Linear(nn.Linear):
+    """nn.Linear with an optional fused activation and an optional packed weight (see module doc)."""
+
+    packed: PackedWeight | None = None  # set by pack(), never during forward
+
+    def forward(self, x: Tensor, activation: str | None = None) -> Tensor:
+        p = self.packed
+        if (
+            p is not None
+            and not torch.is_grad_enabled()
+            and x.device.type == "cpu"
+            and x.dtype == p.dtype
+            and p.matches(self.weight)
+        ):
+            return self._packed_forward(p, x, activation)
+        y = F.linear(x, self.weight, self.bias)
+        return y if activation is None else ACTIVATIONS[activation](y)
+
+    def _packed_forward(self, p: PackedWeight, x: Tensor, activation: str | None) -> Tensor:
+        attr, algorithm = FUSED.get(activation, ("none", ""))
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        y = torch.ops.mkldnn._linear_pointwise(x2, p.tensor, self.bias, attr, [], algorithm)
+        y = y.view(*lead, y.shape[-1])
+        if activation is not None and activation not in FUSED:
+            y = ACTIVATIONS[activation](y)
+        return y
+
+    @torch.no_grad()
+    def pack(self) -> bool:
+        """Make the packed copy and check it against F.linear on a small input; False where the
+        weight is not on the CPU, not float32/bfloat16, or the check fails (nothing is packed)."""
+        self.packed = None
+        w = self.weight
+        if w.device.type != "cpu" or w.dtype not in PACKABLE_DTYPES or not w.is_contiguous() or not packing_available():
+            return False
+        try:
+            candidate = PackedWeight(torch.ops.mkldnn._reorder_linear_weight(w), w.dtype, w.data_ptr(), w._version)
+            x = torch.randn(3, self.in_features, generator=torch.Generator().manual_seed(0)).to(w.dtype)
+            got = self._packed_forward(candidate, x, None).float()
+        except RuntimeError as e:  # an op this build or CPU lacks
+            log.info("linear weight not packed: %s", e)
+            return False
+        want = F.linear(x, w, self.bias).float()
+        tol = (1e-4 if w.dtype == torch.float32 else 3e-2) * (1.0 + float(want.abs().max()))
+        if not bool((got - want).abs().max() <= tol):
+            log.warning("packed linear weight disagrees with F.linear; using F.linear")
+            return False
+        self.packed = candidate
+        return True
+
+    def unpack(self) -> None:
+        self.packed = None
+
+
+def packed_bytes(model: nn.Module) -> int:
+    """Bytes the packed copies would take (they are a second copy of every linear weight)."""
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, Linear))
+
+
+def pack_linears(model: nn.Module, *, max_bytes: int = 512 * 2**20) -> int:
+    """Pack every Linear of a CPU model for inference, unless the copies would take more than
+    max_bytes (they double the linear weights' memory). Call it once after loading, before the
+    model is shared; returns how many layers were packed."""
+    if packed_bytes(model) > max_bytes:
+        return 0
+    return sum(m.pack() for m in model.modules() if isinstance(m, Linear))
+
+
+def unpack_linears(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, Linear):
+            m.unpack()
