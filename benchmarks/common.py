@@ -53,8 +53,24 @@ def best_of(fn, repeats: int = 3, warmup: int = 1) -> float:
     return min(times)
 
 
+def cpu_model() -> tuple[str, set[str]]:
+    """(model name, flags) from /proc/cpuinfo; ("", set()) where it cannot be read."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "", set()
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    return fields.get("model name", ""), set(fields.get("flags", "").split())
+
+
 def machine() -> str:
     import os
     import platform
 
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    name, flags = cpu_model()
+    isa = ", ".join(f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "no AVX-512"
+    return (
+        f"{name or platform.processor() or platform.machine()} ({isa}), {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )

@@ -235,8 +235,15 @@ class VisionTransformer(nn.Module):
         output_attentions: bool = True,
         output_token_norms: bool = False,
         output_tokens: bool = False,
+        attention_out: Tensor | None = None,
     ) -> ViTOutput:
-        """pixels: (B, 3, H, W) normalized. Attentions stay in the autograd graph when grad is on."""
+        """pixels: (B, 3, H, W) normalized. Attentions stay in the autograd graph when grad is on.
+
+        attention_out: an (L, B, H, T, T) tensor of the model's dtype and device, each layer's
+        (B, H, T, T) slice contiguous, to write the maps into instead of a new block (no-grad
+        runs only). A caller analysing many batches can reuse one block: a fresh block of
+        hundreds of MB costs a page fault per 4 KB every time it is allocated.
+        """
         x = self.embed(pixels)
         attentions = []
         norms = [x.norm(dim=-1)] if output_token_norms else None
@@ -245,7 +252,21 @@ class VisionTransformer(nn.Module):
         stack = None
         if output_attentions and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
             c = self.config
-            stack = x.new_empty(len(self.blocks), x.shape[0], c.num_heads, x.shape[1], x.shape[1])
+            shape = (len(self.blocks), x.shape[0], c.num_heads, x.shape[1], x.shape[1])
+            if attention_out is None:
+                stack = x.new_empty(shape)
+            elif (
+                tuple(attention_out.shape) != shape
+                or attention_out.dtype != x.dtype
+                or attention_out.device != x.device
+                or not attention_out[0].is_contiguous()
+            ):
+                raise ValueError(
+                    f"attention_out must be {shape}, {x.dtype} on {x.device} with contiguous layers; got "
+                    f"{tuple(attention_out.shape)}, {attention_out.dtype} on {attention_out.device}"
+                )
+            else:
+                stack = attention_out
         for i, block in enumerate(self.blocks):
             x, attn = block(x, None if stack is None else stack[i])
             if output_attentions:
@@ -273,6 +294,12 @@ class VisionTransformer(nn.Module):
             token_norms=torch.stack(norms, dim=1) if norms is not None else None,
             tokens=x if output_tokens else None,
         )
+
+    def new_attention_block(self, batch: int, *, device=None, dtype=None) -> Tensor:
+        """An empty (L, B, H, T, T) block for forward(attention_out=...)."""
+        c = self.config
+        shape = (c.depth, batch, c.num_heads, c.num_tokens, c.num_tokens)
+        return torch.empty(shape, device=device, dtype=dtype or self.pos_embed.dtype)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -32,7 +32,12 @@ class Forward:
 
 
 def run_forward(
-    model: VisionTransformer, pixels: Tensor, *, gradients: bool = False, target: Tensor | None = None
+    model: VisionTransformer,
+    pixels: Tensor,
+    *,
+    gradients: bool = False,
+    target: Tensor | None = None,
+    attention_out: Tensor | None = None,
 ) -> Forward:
     """pixels (B, 3, H, W) on the model's device and dtype.
 
@@ -40,10 +45,12 @@ def run_forward(
     plus one backward. target (B,) defaults to each image's top-1 class. The model's parameters
     are not touched (no .grad written): the graph is built from the input. Images in a batch are
     independent, so the gradient of the summed target logits is each image's own gradient.
+    attention_out: a block to write the maps into (see VisionTransformer.forward); without
+    gradients, the returned attentions are then a view of it.
     """
     if not gradients:
         with torch.inference_mode():
-            out = model(pixels, output_attentions=True, output_token_norms=True)
+            out = model(pixels, output_attentions=True, output_token_norms=True, attention_out=attention_out)
             return Forward(
                 logits=None if out.logits is None else out.logits.float(),
                 features=out.features.float(),

@@ -39,8 +39,9 @@ def mean_attention_distance(
 
     def per_query(a: Tensor) -> Tensor:  # (k, N, N) patch queries to patch keys -> (k, N)
         a = a.float()
-        if convention == "renormalized":
-            a = a / a.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-        return (a * d).sum(dim=-1)
+        dist = torch.einsum("kij,ij->ki", a, d)  # one pass, no (k, N, N) temporary
+        if convention == "renormalized":  # the row renormalized first: the same as dividing after
+            dist = dist / a.sum(dim=-1).clamp_min(1e-30)
+        return dist
 
     return map_chunks(attns[..., P:, P:], per_query).mean(dim=-1)

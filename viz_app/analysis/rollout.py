@@ -98,16 +98,17 @@ def attention_rollout(
     end: int | None = None,
 ) -> Tensor:
     """Rollout map of the read-out token, (B, L, H, T, T) -> (B, gh, gw). Defaults: the paper's
-    settings (mean fusion, no discard, all layers)."""
-    R = rollout_matrix(
-        attns,
-        head_fusion=head_fusion,
-        discard_ratio=discard_ratio,
-        start=start,
-        end=end,
-        protect=tuple(readout_tokens),
+    settings (mean fusion, no discard, all layers).
+
+    Only the read-out row of R = A_hat[end] @ ... @ A_hat[start] is needed, and taking rows is
+    linear, so it is carried from the left as a row vector: O(L T^2) instead of O(L T^3)."""
+    mats = _residual_matrices(
+        attns, fusion=head_fusion, discard_ratio=discard_ratio, start=start, end=end, protect=tuple(readout_tokens)
     )
-    return _readout_map(R, num_prefix=num_prefix, grid=grid, readout_tokens=readout_tokens, readout=readout)
+    row = readout_rows(mats[-1], num_prefix=num_prefix, readout_tokens=readout_tokens, readout=readout)  # (B, T)
+    for a in reversed(mats[:-1]):
+        row = torch.bmm(row[:, None, :], a)[:, 0]
+    return row[..., num_prefix:].reshape(-1, *grid)
 
 
 def _readout_map(R: Tensor, *, num_prefix: int, grid: tuple[int, int], readout_tokens, readout: str) -> Tensor:
