@@ -54,6 +54,12 @@ def test_tiles_and_filters():
     tiles = np.random.default_rng(0).uniform(-1, 1, (3, 4, 3, 4))
     img = render.tile_grid(tiles, scale=2)
     assert img.shape == (3 * 7 + 1, 4 * 9 + 1, 3)
+    th, tw = 6, 8  # each tile is its own colored map, enlarged, at its place; gaps stay white
+    for r, c in [(0, 0), (1, 2), (2, 3)]:
+        want = np.repeat(np.repeat(render.colorize(tiles[r, c], "viridis", -1.0, 1.0), 2, axis=0), 2, axis=1)
+        y, x = 1 + r * (th + 1), 1 + c * (tw + 1)
+        np.testing.assert_array_equal(img[y : y + th, x : x + tw], want)
+        assert (img[y - 1, x : x + tw] == 255).all() and (img[y : y + th, x - 1] == 255).all()
     comps = np.random.default_rng(1).normal(size=(28, 3, 8, 8))
     f = render.filter_tiles(comps, cols=7, scale=2)
     assert f.shape == (4 * 18 + 2, 7 * 18 + 2, 3)

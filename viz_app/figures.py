@@ -66,25 +66,21 @@ def clickable_view(
             showlegend=False,
         )
     )
-    for k in range(1, gh):
-        fig.add_shape(
-            type="line", x0=0, x1=W, y0=k * patch_size, y1=k * patch_size, line=dict(color="white", width=0.5)
-        )
-    for k in range(1, gw):
-        fig.add_shape(
-            type="line", y0=0, y1=H, x0=k * patch_size, x1=k * patch_size, line=dict(color="white", width=0.5)
-        )
+    grid_line = dict(color="white", width=0.5)
+    shapes = [dict(type="line", x0=0, x1=W, y0=k * patch_size, y1=k * patch_size, line=grid_line) for k in range(1, gh)]
+    shapes += [
+        dict(type="line", y0=0, y1=H, x0=k * patch_size, x1=k * patch_size, line=grid_line) for k in range(1, gw)
+    ]
     if selected is not None:
         r, c = selected
-        fig.add_shape(
-            type="rect",
-            x0=c * patch_size,
-            x1=(c + 1) * patch_size,
-            y0=r * patch_size,
-            y1=(r + 1) * patch_size,
-            line=dict(color="cyan", width=3),
+        x0, y0 = c * patch_size, r * patch_size
+        shapes.append(
+            dict(type="rect", x0=x0, x1=x0 + patch_size, y0=y0, y1=y0 + patch_size, line=dict(color="cyan", width=3))
         )
-    fig.update_layout(height=380, margin=dict(l=0, r=0, t=0, b=0), clickmode="event+select", dragmode=False)
+    # all shapes in one assignment: add_shape re-validates every earlier shape (quadratic)
+    fig.update_layout(
+        shapes=shapes, height=380, margin=dict(l=0, r=0, t=0, b=0), clickmode="event+select", dragmode=False
+    )
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
     return fig
