@@ -81,7 +81,7 @@ def forward_section(repeats: int, peak32: float) -> dict:
             err = max(float((a - b).abs().max()) for a, b in zip(mine.attentions, ref.attentions))
             t_ours = best_of(lambda x=x: ours.model(x), repeats=repeats)
             block = ours.model.new_attention_block(batch)  # reused, as the batch CLI does
-            t_reused = best_of(lambda x=x: ours.model(x, attention_out=block), repeats=repeats)
+            t_reused = best_of(lambda x=x, b=block: ours.model(x, attention_out=b), repeats=repeats)
             unpack_linears(ours.model)  # the same model on F.linear, to show what packing buys
             t_unpacked = best_of(lambda x=x: ours.model(x), repeats=repeats)
             pack_linears(ours.model)
