@@ -1,6 +1,6 @@
 """Batch CLI throughput vs a bare forward pass of the same model at the same batch size.
 
-python -m benchmarks.bench_cli [--images 128] [--batch-size 8] [--repeats 2]
+python -m benchmarks.bench_cli [--images 128] [--batch-size 8] [--repeats 2] [--profile]
 """
 
 from __future__ import annotations
@@ -59,13 +59,33 @@ def run(images: int, batch_size: int, repeats: int = 2) -> dict:
     }
 
 
+def profile(images: int, batch_size: int, top: int = 30) -> None:
+    """One CLI run under cProfile (main thread): where its time goes besides the forward."""
+    import cProfile
+    import pstats
+
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        ckpt = write_random_checkpoint(d)
+        folder = write_images(d / "images", images)
+        args = ["analyze", "--model", str(ckpt), "--batch-size", str(batch_size), "--out", str(d / "out"), str(folder)]
+        prof = cProfile.Profile()
+        with contextlib.redirect_stderr(io.StringIO()):
+            prof.runcall(cli_main, args)
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(top)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--images", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--profile", action="store_true", help="one CLI run under cProfile instead")
     a = p.parse_args()
     print(machine())
-    r = run(a.images, a.batch_size, a.repeats)
-    for k, v in r.items():
-        print(f"{k:32s} {v:.3f}" if isinstance(v, float) else f"{k:32s} {v}")
+    if a.profile:
+        profile(a.images, a.batch_size)
+    else:
+        r = run(a.images, a.batch_size, a.repeats)
+        for k, v in r.items():
+            print(f"{k:32s} {v:.3f}" if isinstance(v, float) else f"{k:32s} {v}")
