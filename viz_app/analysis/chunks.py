@@ -17,6 +17,14 @@ def map_chunks(maps: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
     if maps.numel() == 0:
         out = fn(maps.reshape(-1, R, C))
         return out.reshape(*lead, *out.shape[1:])
+    # The maps are independent: walk them in memory order. A batch viewed out of the model's
+    # (L, B, H, T, T) block is (B, L, H, T, T) with L outermost in memory; taking the leading
+    # dims by decreasing stride makes them one mergeable run again, so chunks stay large.
+    order = sorted(range(len(lead)), key=lambda i: -maps.stride(i))
+    if order != list(range(len(lead))):
+        inverse = [order.index(i) for i in range(len(lead))]
+        out = map_chunks(maps.permute(*order, -2, -1), fn)
+        return out.permute(*inverse, *range(len(lead), out.ndim))
     try:
         flat = maps.view(-1, R, C)
     except RuntimeError:  # leading dims not mergeable without a copy (a batch of stacked maps): go one by one
