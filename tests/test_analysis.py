@@ -293,3 +293,14 @@ def test_chunked_analyses_equal_the_whole_computation(monkeypatch):
     for x in (attn, stacked):
         torch.testing.assert_close(A.mean_attention_distance(x, **kw), whole[0])
         torch.testing.assert_close(A.attention_entropy(x), whole[1])
+
+
+def test_map_chunks_follows_memory_order_of_a_block_view(monkeypatch):
+    from viz_app.analysis import chunks
+
+    monkeypatch.setattr(chunks, "CHUNK_VALUES", 3 * 7 * 7)  # several chunks, each across images
+    block = torch.rand(4, 3, 5, 7, 7, generator=torch.Generator().manual_seed(0))  # (L, B, H, T, T)
+    maps = block.transpose(0, 1)[..., 1:, 1:]  # (B, L, H, 6, 6) as the pipeline hands it on
+    for fn in (lambda a: a.sum(-1), lambda a: a.amax(dim=(-2, -1))):
+        want = torch.stack([torch.stack([fn(maps[b, layer]) for layer in range(4)]) for b in range(3)])
+        torch.testing.assert_close(chunks.map_chunks(maps, fn), want, atol=0, rtol=0)
