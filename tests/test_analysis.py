@@ -304,3 +304,16 @@ def test_map_chunks_follows_memory_order_of_a_block_view(monkeypatch):
     for fn in (lambda a: a.sum(-1), lambda a: a.amax(dim=(-2, -1))):
         want = torch.stack([torch.stack([fn(maps[b, layer]) for layer in range(4)]) for b in range(3)])
         torch.testing.assert_close(chunks.map_chunks(maps, fn), want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("readout", ["auto", "cls", "dist", "mean", "patches"])
+def test_rollout_row_equals_row_of_the_full_product(readout):
+    """attention_rollout carries only the read-out row; it must equal that row of R."""
+    from viz_app.analysis.attention import readout_rows
+
+    attn = random_attn(L=5)
+    kw = dict(head_fusion="max", discard_ratio=0.3, start=1, end=4)
+    R = rollout_matrix(attn, protect=(0, 1), **kw)
+    want = readout_rows(R, num_prefix=2, readout_tokens=(0, 1), readout=readout)[..., 2:].reshape(2, 2, 4)
+    got = A.attention_rollout(attn, num_prefix=2, grid=(2, 4), readout_tokens=(0, 1), readout=readout, **kw)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
