@@ -109,6 +109,13 @@ class Linear(nn.Linear):
     def unpack(self) -> None:
         self.packed = None
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the packed copy behind (an opaque oneDNN tensor, and a cache
+        of this object's own weight): they run on F.linear until packed themselves."""
+        state = self.__dict__.copy()
+        state.pop("packed", None)
+        return state
+
 
 def packed_bytes(model: nn.Module) -> int:
     """Bytes the packed copies would take (they are a second copy of every linear weight)."""

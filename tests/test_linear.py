@@ -85,3 +85,21 @@ def test_loading_packs_on_the_cpu_within_the_memory_limit(tmp_path):
     fresh = VisionTransformer(lm.config)
     assert pack_linears(fresh, max_bytes=packed_bytes(fresh) - 1) == 0
     assert all(mod.packed is None for mod in fresh.modules() if isinstance(mod, Linear))
+
+
+def test_copies_and_pickles_leave_the_packed_copy_behind():
+    import copy
+    import io
+
+    lin = _linear()
+    assert lin.pack()
+    x = torch.randn(3, 48)
+    twin = copy.deepcopy(lin)
+    buf = io.BytesIO()
+    torch.save(lin, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert lin.packed is not None and twin.packed is None and loaded.packed is None
+    with torch.no_grad():
+        for other in (twin, loaded):
+            torch.testing.assert_close(other(x), lin(x), atol=1e-5, rtol=1e-5)
