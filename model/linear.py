@@ -5,10 +5,14 @@ some CPUs (MKL on AMD) through a slow path. oneDNN can reorder the weight once i
 layout and then multiply with it directly, optionally with GELU fused into the output. That is
 what pack_linears does, once, when a model is loaded; the forward pass only reads the packed copy.
 
-A packed copy is used only where it is certainly the same weight: no autograd, the input on the
-CPU in the packed dtype, and the parameter's storage and version counter unchanged since packing
-(an in-place edit, load_state_dict or .to() falls back to F.linear). Parameters and state dict are
-those of nn.Linear.
+A packed copy is used only in plain inference (no autograd, forward-mode AD, functorch transform
+or autocast), for an input on the CPU in the packed dtype, and while the weight is the tensor it
+was made from: same storage, shape, strides and version counter. The storage is held, so its
+address cannot pass to another tensor. In-place edits through the parameter and
+load_state_dict bump its version; .to(), .float(), .cuda() drop the copy. The loaded model is
+otherwise treated as frozen: writes that bypass the version counter (through .data or a numpy
+view) are not seen, so call pack_linears again after them. Parameters and state dict are those
+of nn.Linear.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +45,36 @@ FUSED = {"gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """A weight reordered for oneDNN, and the identity of the parameter it was made from."""
+    """A weight reordered for oneDNN, and the weight it was made from (an alias that keeps its
+    storage alive: an equal address is then the same storage)."""
 
     tensor: Tensor
-    dtype: torch.dtype
-    data_ptr: int
+    source: Tensor
     version: int
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.source.dtype
+
     def matches(self, weight: Tensor) -> bool:
-        return weight.data_ptr() == self.data_ptr and weight._version == self.version and weight.dtype == self.dtype
+        s = self.source
+        return (
+            weight.data_ptr() == s.data_ptr()
+            and weight._version == self.version
+            and weight.dtype == s.dtype
+            and weight.shape == s.shape
+            and weight.stride() == s.stride()
+        )
+
+
+def plain_inference() -> bool:
+    """No reverse- or forward-mode autograd, functorch transform or CPU autocast is active."""
+    return (
+        not torch.is_grad_enabled()
+        and forward_ad._current_level < 0
+        and torch._C._functorch.peek_interpreter_stack() is None
+        and not torch.is_autocast_enabled("cpu")
+    )
 
 
 def packing_available() -> bool:
@@ -64,10 +90,10 @@ class Linear(nn.Linear):
         p = self.packed
         if (
             p is not None
-            and not torch.is_grad_enabled()
             and x.device.type == "cpu"
             and x.dtype == p.dtype
             and p.matches(self.weight)
+            and plain_inference()
         ):
             return self._packed_forward(p, x, activation)
         y = F.linear(x, self.weight, self.bias)
@@ -92,7 +118,7 @@ class Linear(nn.Linear):
         if w.device.type != "cpu" or w.dtype not in PACKABLE_DTYPES or not w.is_contiguous() or not packing_available():
             return False
         try:
-            candidate = PackedWeight(torch.ops.mkldnn._reorder_linear_weight(w), w.dtype, w.data_ptr(), w._version)
+            candidate = PackedWeight(torch.ops.mkldnn._reorder_linear_weight(w), w.detach(), w._version)
             x = torch.randn(3, self.in_features, generator=torch.Generator().manual_seed(0)).to(w.dtype)
             got = self._packed_forward(candidate, x, None).float()
         except RuntimeError as e:  # an op this build or CPU lacks
@@ -109,10 +135,14 @@ class Linear(nn.Linear):
     def unpack(self) -> None:
         self.packed = None
 
+    def _apply(self, fn, recurse=True):
+        self.packed = None  # .to(), .float(), .cuda(), ...: the weight becomes another tensor
+        return super()._apply(fn, recurse)
+
     def __getstate__(self) -> dict:
         """Copies and pickles leave the packed copy behind (an opaque oneDNN tensor, and a cache
         of this object's own weight): they run on F.linear until packed themselves."""
-        state = self.__dict__.copy()
+        state = dict(super().__getstate__())
         state.pop("packed", None)
         return state
 

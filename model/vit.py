@@ -240,8 +240,8 @@ class VisionTransformer(nn.Module):
         """pixels: (B, 3, H, W) normalized. Attentions stay in the autograd graph when grad is on.
 
         attention_out: an (L, B, H, T, T) tensor of the model's dtype and device, each layer's
-        (B, H, T, T) slice contiguous, to write the maps into instead of a new block (no-grad
-        runs only). A caller analysing many batches can reuse one block: a fresh block of
+        (B, H, T, T) slice contiguous and apart from the others, to write the maps into instead
+        of a new block (runs without autograd or autocast only; ValueError otherwise). A caller analysing many batches can reuse one block: a fresh block of
         hundreds of MB costs a page fault per 4 KB every time it is allocated.
         """
         x = self.embed(pixels)
@@ -250,7 +250,10 @@ class VisionTransformer(nn.Module):
         # Without autograd, every layer writes its maps into one (L, B, H, T, T) block, so that
         # callers get them stacked without another copy (a tensor made here, not module state).
         stack = None
-        if output_attentions and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
+        plain = not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+        if attention_out is not None and not (plain and output_attentions):
+            raise ValueError("attention_out is for runs with output_attentions, without autograd or autocast")
+        if output_attentions and plain:
             c = self.config
             shape = (len(self.blocks), x.shape[0], c.num_heads, x.shape[1], x.shape[1])
             if attention_out is None:
@@ -260,10 +263,12 @@ class VisionTransformer(nn.Module):
                 or attention_out.dtype != x.dtype
                 or attention_out.device != x.device
                 or not attention_out[0].is_contiguous()
+                or attention_out.stride(0) < attention_out[0].numel()  # layers must not overlap
             ):
                 raise ValueError(
-                    f"attention_out must be {shape}, {x.dtype} on {x.device} with contiguous layers; got "
-                    f"{tuple(attention_out.shape)}, {attention_out.dtype} on {attention_out.device}"
+                    f"attention_out must be {shape}, {x.dtype} on {x.device}, its layers contiguous and "
+                    f"apart; got {tuple(attention_out.shape)}, {attention_out.dtype} on {attention_out.device}, "
+                    f"strides {attention_out.stride()}"
                 )
             else:
                 stack = attention_out

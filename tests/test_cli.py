@@ -142,3 +142,9 @@ def test_headless_model_writes_features(tmp_path, images):
     rec = np.load(out / "img0.npz")
     assert "features" in rec and "logits" not in rec and "grad_rollout" not in rec
     assert rec["rollout"].shape == (4, 4)
+
+
+def test_batch_size_larger_than_the_input_allocates_only_what_it_uses(tmp_path, hf_folder, images):
+    folder, _ = hf_folder
+    rc = main(["analyze", "--model", str(folder), "--batch-size", "1000000", "--out", str(tmp_path / "o"), str(images)])
+    assert rc == 0 and len(list((tmp_path / "o").glob("*_rollout.png"))) == 3

@@ -103,3 +103,38 @@ def test_copies_and_pickles_leave_the_packed_copy_behind():
     with torch.no_grad():
         for other in (twin, loaded):
             torch.testing.assert_close(other(x), lin(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_replaced_or_restrided_or_converted_weight_is_never_served_from_the_copy():
+    x = torch.randn(3, 48)
+    lin = _linear(n_out=48)
+    assert lin.pack()
+    del lin.weight  # the old storage stays held by the copy: the new one cannot take its address
+    lin.weight = torch.nn.Parameter(torch.randn(48, 48), requires_grad=False)
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), atol=0, rtol=0)
+    assert lin.pack()
+    lin.weight.data = lin.weight.data.t()  # same storage and address, other strides
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), atol=0, rtol=0)
+    lin.weight.data = lin.weight.data.contiguous()
+    assert lin.pack()
+    lin.double().float()  # conversions drop the copy
+    assert lin.packed is None
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.func imports torch.jit.script
+def test_forward_ad_functorch_and_autocast_bypass_the_copy():
+    import torch.autograd.forward_ad as fwAD
+
+    lin = _linear()
+    assert lin.pack()
+    x, t = torch.randn(2, 48), torch.randn(2, 48)
+    with torch.no_grad():
+        with fwAD.dual_level():
+            tangent = fwAD.unpack_dual(lin(fwAD.make_dual(x, t))).tangent
+        torch.testing.assert_close(tangent, t @ lin.weight.T)
+        _, jvp_tangent = torch.func.jvp(lin, (x,), (t,))
+        torch.testing.assert_close(jvp_tangent, t @ lin.weight.T)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert lin(x).dtype == F.linear(x, lin.weight, lin.bias).dtype == torch.bfloat16

@@ -245,3 +245,25 @@ def test_attention_stack_holds_every_map_in_one_block():
     assert out.attentions[0].data_ptr() == out.attention_stack.data_ptr()  # no copy
     with torch.enable_grad():
         assert m(_x()).attention_stack is None  # maps in the autograd graph stay separate tensors
+
+
+def test_attention_out_block_is_written_in_place_and_checked():
+    m = _model()
+    x = _x(batch=3)
+    c = m.config
+    with torch.inference_mode():
+        fresh = m(x).attention_stack
+        block = m.new_attention_block(4)  # bigger than the batch: its first 3 images are used
+        out = m(x, attention_out=block[:, :3])
+        assert out.attention_stack.data_ptr() == block.data_ptr()
+        torch.testing.assert_close(out.attention_stack, fresh, atol=0, rtol=0)
+        shape = (c.depth, 3, c.num_heads, c.num_tokens, c.num_tokens)
+        for bad in (
+            torch.empty(shape[:-1] + (c.num_tokens + 1,)),  # wrong shape
+            torch.empty(shape, dtype=torch.float64),  # wrong dtype
+            torch.empty((1, *shape[1:])).expand(shape),  # every layer on the same memory
+        ):
+            with pytest.raises(ValueError, match="attention_out"):
+                m(x, attention_out=bad)
+    with torch.enable_grad(), pytest.raises(ValueError, match="without autograd"):
+        m(x, attention_out=torch.empty(shape))

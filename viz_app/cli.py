@@ -116,7 +116,8 @@ def overlap_stages(device: torch.device) -> bool:
     GPU runs the model, or torch uses fewer threads than there are cores), the next batch is
     decoded and the last one's files are written while the model runs (PIL, zlib and OpenCV
     release the GIL). On a CPU that torch already fills, worker threads only stall its GEMMs."""
-    return device.type != "cpu" or (os.cpu_count() or 1) > torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return device.type != "cpu" or cores > torch.get_num_threads()
 
 
 class InlineExecutor(Executor):
@@ -233,7 +234,8 @@ def run_analyze(args: argparse.Namespace) -> int:
             if items:
                 pixels = torch.stack([it.prepared.pixels for it in items]).to(lm.device, lm.dtype)
                 if block is None and not args.grad_rollout:  # one block for every batch's maps
-                    block = lm.model.new_attention_block(args.batch_size, device=lm.device, dtype=lm.dtype)
+                    size = min(args.batch_size, len(files))
+                    block = lm.model.new_attention_block(size, device=lm.device, dtype=lm.dtype)
                 maps = None if block is None else block[:, : len(items)]
                 fwd, arrays = analyze_batch(lm, pixels, grad_rollout=args.grad_rollout, attention_out=maps)
                 logits = fwd.logits.cpu().numpy() if fwd.logits is not None else None
