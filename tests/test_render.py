@@ -60,6 +60,7 @@ def test_tiles_and_filters():
         y, x = 1 + r * (th + 1), 1 + c * (tw + 1)
         np.testing.assert_array_equal(img[y : y + th, x : x + tw], want)
         assert (img[y - 1, x : x + tw] == 255).all() and (img[y : y + th, x - 1] == 255).all()
+    assert render.tile_grid(np.zeros((0, 4, 3, 4)), scale=2).shape == (1, 4 * 9 + 1, 3)  # no rows: a blank strip
     comps = np.random.default_rng(1).normal(size=(28, 3, 8, 8))
     f = render.filter_tiles(comps, cols=7, scale=2)
     assert f.shape == (4 * 18 + 2, 7 * 18 + 2, 3)

@@ -156,6 +156,8 @@ def tile_grid(
     """(R, C, h, w) values -> one image of R x C colored tiles on one shared color scale."""
     R, C, h, w = tiles.shape
     th, tw = h * scale, w * scale
+    if tiles.size == 0:
+        return np.full((R * (th + gap) + gap, C * (tw + gap) + gap, 3), 255, np.uint8)
     # colored all at once: tiles enlarged, each with its gap (white) below and right, then laid out
     big = np.repeat(np.repeat(np.asarray(tiles), scale, axis=2), scale, axis=3)  # (R, C, th, tw)
     colored = colorize(big.reshape(R * C * th, tw), cmap, vmin, vmax).reshape(R, C, th, tw, 3)
