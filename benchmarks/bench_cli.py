@@ -18,6 +18,10 @@ from model import load_checkpoint
 from viz_app.cli import main as cli_main
 
 
+def cli_args(checkpoint: Path, folder: Path, out: Path, batch_size: int) -> list[str]:
+    return ["analyze", "--model", str(checkpoint), "--batch-size", str(batch_size), "--out", str(out), str(folder)]
+
+
 def run(images: int, batch_size: int, repeats: int = 2) -> dict:
     """Bare forward passes over as many batches as the CLI runs, and the CLI end to end (model
     loading, decoding, forward, analyses, writing), interleaved `repeats` times; best of each."""
@@ -36,10 +40,7 @@ def run(images: int, batch_size: int, repeats: int = 2) -> dict:
 
         def cli():
             with contextlib.redirect_stderr(io.StringIO()):
-                rc = cli_main(
-                    ["analyze", "--model", str(ckpt), "--batch-size", str(batch_size), "--out", str(d / "out"),
-                     str(folder)]
-                )  # fmt: skip
+                rc = cli_main(cli_args(ckpt, folder, d / "out", batch_size))
             assert rc == 0, rc
 
         bare(False)  # warm-up
@@ -68,10 +69,9 @@ def profile(images: int, batch_size: int, top: int = 30) -> None:
         d = Path(d)
         ckpt = write_random_checkpoint(d)
         folder = write_images(d / "images", images)
-        args = ["analyze", "--model", str(ckpt), "--batch-size", str(batch_size), "--out", str(d / "out"), str(folder)]
         prof = cProfile.Profile()
         with contextlib.redirect_stderr(io.StringIO()):
-            prof.runcall(cli_main, args)
+            prof.runcall(cli_main, cli_args(ckpt, folder, d / "out", batch_size))
     pstats.Stats(prof).sort_stats("cumulative").print_stats(top)
 
 

@@ -241,7 +241,8 @@ class VisionTransformer(nn.Module):
 
         attention_out: an (L, B, H, T, T) tensor of the model's dtype and device, each layer's
         (B, H, T, T) slice contiguous and apart from the others, to write the maps into instead
-        of a new block (runs without autograd or autocast only; ValueError otherwise). A caller analysing many batches can reuse one block: a fresh block of
+        of a new block (runs without autograd or autocast only; ValueError otherwise). A caller
+        analysing many batches can reuse one block (new_attention_block): a fresh block of
         hundreds of MB costs a page fault per 4 KB every time it is allocated.
         """
         x = self.embed(pixels)
@@ -254,8 +255,7 @@ class VisionTransformer(nn.Module):
         if attention_out is not None and not (plain and output_attentions):
             raise ValueError("attention_out is for runs with output_attentions, without autograd or autocast")
         if output_attentions and plain:
-            c = self.config
-            shape = (len(self.blocks), x.shape[0], c.num_heads, x.shape[1], x.shape[1])
+            shape = self._attention_block_shape(x.shape[0])
             if attention_out is None:
                 stack = x.new_empty(shape)
             elif (
@@ -300,11 +300,13 @@ class VisionTransformer(nn.Module):
             tokens=x if output_tokens else None,
         )
 
+    def _attention_block_shape(self, batch: int) -> tuple[int, ...]:
+        c = self.config
+        return (c.depth, batch, c.num_heads, c.num_tokens, c.num_tokens)  # (L, B, H, T, T)
+
     def new_attention_block(self, batch: int, *, device=None, dtype=None) -> Tensor:
         """An empty (L, B, H, T, T) block for forward(attention_out=...)."""
-        c = self.config
-        shape = (c.depth, batch, c.num_heads, c.num_tokens, c.num_tokens)
-        return torch.empty(shape, device=device, dtype=dtype or self.pos_embed.dtype)
+        return torch.empty(self._attention_block_shape(batch), device=device, dtype=dtype or self.pos_embed.dtype)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

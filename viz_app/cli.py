@@ -243,7 +243,7 @@ def run_analyze(args: argparse.Namespace) -> int:
                 attns = fwd.attentions.cpu().numpy() if args.save_attentions else None
                 records = []
                 for b, it in enumerate(items):
-                    # copies: some arrays view the block of maps, which the next batch overwrites
+                    # copies: an analysis may return a view of the block, which the next batch overwrites
                     record = {k: v[b].copy() for k, v in arrays.items()}
                     record["logits" if logits is not None else "features"] = (
                         logits[b] if logits is not None else feats[b]

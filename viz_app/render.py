@@ -156,14 +156,14 @@ def tile_grid(
     """(R, C, h, w) values -> one image of R x C colored tiles on one shared color scale."""
     R, C, h, w = tiles.shape
     th, tw = h * scale, w * scale
+    out = np.full((R * (th + gap) + gap, C * (tw + gap) + gap, 3), 255, np.uint8)
     if tiles.size == 0:
-        return np.full((R * (th + gap) + gap, C * (tw + gap) + gap, 3), 255, np.uint8)
+        return out
     # colored all at once: tiles enlarged, each with its gap (white) below and right, then laid out
     big = np.repeat(np.repeat(np.asarray(tiles), scale, axis=2), scale, axis=3)  # (R, C, th, tw)
     colored = colorize(big.reshape(R * C * th, tw), cmap, vmin, vmax).reshape(R, C, th, tw, 3)
     cells = np.full((R, C, th + gap, tw + gap, 3), 255, np.uint8)
     cells[:, :, :th, :tw] = colored
-    out = np.full((R * (th + gap) + gap, C * (tw + gap) + gap, 3), 255, np.uint8)
     out[gap:, gap:] = cells.transpose(0, 2, 1, 3, 4).reshape(R * (th + gap), C * (tw + gap), 3)
     return out
 
