@@ -26,15 +26,23 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.common import machine, write_random_checkpoint
+from model.resources import EXAMPLES_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def new_image(seed: int) -> bytes:
     rng = np.random.default_rng(seed)
-    img = np.asarray(Image.open(ROOT / "assets" / "examples" / "chelsea.jpg").convert("RGB")).copy()
+    img = np.asarray(Image.open(EXAMPLES_DIR / "chelsea.jpg").convert("RGB")).copy()
     h, w = img.shape[:2]
     # a new digest and a new view every time: the block sits in the centre, inside any crop
     img[h // 2 - 20 : h // 2 + 20, w // 2 - 20 : w // 2 + 20] = rng.integers(0, 255, (40, 40, 3))
@@ -46,8 +54,10 @@ def new_image(seed: int) -> bytes:
 def serve(port: int) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     for _ in range(240):
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=1)

@@ -32,6 +32,7 @@ import torch
 from benchmarks.common import best_of, cpu_model, machine
 from model import load_checkpoint, load_image, prepare_image
 from model.linear import pack_linears, packing_available, unpack_linears
+from model.resources import EXAMPLES_DIR
 from viz_app import analysis as A
 from viz_app import render
 from viz_app.pipeline import run_forward
@@ -94,11 +95,20 @@ def forward_section(repeats: int, peak32: float) -> dict:
             )
         gflops = flops * batch / t_ours / 1e9
         out[batch] = {
-            "ours_s": t_ours, "ours_reused_block_s": t_reused, "ours_unpacked_s": t_unpacked, "hf_eager_attn_s": t_eager, "hf_sdpa_no_attn_s": t_sdpa,
-            "ours_vs_eager": t_ours / t_eager, "ours_vs_sdpa": t_ours / t_sdpa,
-            "gflop_s": gflops, "share_of_fp32_peak": gflops / peak32, "max_attn_diff_vs_hf": err,
-            "bf16_s": t_bf16, "bf16_vs_fp32": t_bf16 / t_ours, "bf16_max_attn_diff": err16,
-        }  # fmt: skip
+            "ours_s": t_ours,
+            "ours_reused_block_s": t_reused,
+            "ours_unpacked_s": t_unpacked,
+            "hf_eager_attn_s": t_eager,
+            "hf_sdpa_no_attn_s": t_sdpa,
+            "ours_vs_eager": t_ours / t_eager,
+            "ours_vs_sdpa": t_ours / t_sdpa,
+            "gflop_s": gflops,
+            "share_of_fp32_peak": gflops / peak32,
+            "max_attn_diff_vs_hf": err,
+            "bf16_s": t_bf16,
+            "bf16_vs_fp32": t_bf16 / t_ours,
+            "bf16_max_attn_diff": err16,
+        }
     return out
 
 
@@ -109,7 +119,7 @@ def views_section(repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as d:
         lm = load_checkpoint(write_random_checkpoint(Path(d)), dtype="fp32")
     c = lm.config
-    img = load_image(ROOT / "assets" / "examples" / "chelsea.jpg")
+    img = load_image(EXAMPLES_DIR / "chelsea.jpg")
     prepared = prepare_image(img, lm.preprocessing)
     x = prepared.pixels[None]
     fwd = run_forward(lm.model, x)
@@ -159,9 +169,12 @@ print(json.dumps({"peak_bytes": peak, "before_analysis_bytes": before, "estimate
 
 def large_section() -> dict:
     proc = subprocess.run(
-        [sys.executable, "-c", LARGE, str(ROOT / "assets" / "examples" / "chelsea.jpg")],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        [sys.executable, "-c", LARGE, str(EXAMPLES_DIR / "chelsea.jpg")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if proc.returncode:
         raise RuntimeError(proc.stderr[-2000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -11,8 +11,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from model import VisionTransformer, ViTConfig
+from model.resources import EXAMPLES_DIR
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
+EXAMPLES = EXAMPLES_DIR
 VIT_B16 = ViTConfig(num_classes=1000)
 
 

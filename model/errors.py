@@ -40,6 +40,13 @@ class IncompatibleCheckpointError(CheckpointError):
         super().__init__("\n".join(parts))
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (at most 300 characters), or its type's name:
+    what a one-line user message quotes of a library's error."""
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
 def _short(items: list[str], limit: int = 12) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")

@@ -15,11 +15,14 @@ from safetensors.torch import save_file
 from streamlit.testing.v1 import AppTest
 
 from model import VisionTransformer, ViTConfig, load_checkpoint, load_image, prepare_image
+from model.resources import DEMO_DIR, EXAMPLES_DIR, SCENES_DIR
 from viz_app import analysis as A
+
+pytestmark = pytest.mark.app
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "streamlit_app.py")
-EXAMPLE = ROOT / "assets" / "examples" / "chelsea.jpg"
+EXAMPLE = EXAMPLES_DIR / "chelsea.jpg"
 TIMEOUT = 300
 
 
@@ -109,7 +112,7 @@ def test_vit_b16_views_match_the_functions(vit_b16):
     lm = load_checkpoint(vit_b16)
     # the example shown by default
     name = at.selectbox(key="img_example").value
-    path = next(p for p in (ROOT / "assets" / "examples").glob("*.jpg") if name.endswith(p.stem))
+    path = next(p for p in (EXAMPLES_DIR).glob("*.jpg") if name.endswith(p.stem))
     x = prepare_image(load_image(path), lm.preprocessing).pixels[None]
     with torch.no_grad():
         attn = torch.stack(lm.model(x).attentions, 1)
@@ -142,6 +145,7 @@ def test_vit_b16_views_match_the_functions(vit_b16):
     np.testing.assert_allclose(tile.ravel(), sim[2 * 14 + 11], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_rollout_and_distance_controls(vit_b16):
     at = load_path(run_app(), vit_b16)
     open_tab(at, "Rollout")
@@ -220,7 +224,7 @@ def test_uploaded_checkpoint_loads_and_leaves_no_file(tmp_path):
     assert set(Path(tempfile.gettempdir()).glob("vit-lens-upload-*")) == before
 
 
-@pytest.mark.skipif(not (ROOT / "assets" / "demo" / "config.json").is_file(), reason="demo model not installed")
+@pytest.mark.skipif(not (DEMO_DIR / "config.json").is_file(), reason="demo model not installed")
 def test_demo_model_is_the_default_and_sanity_tab_scores_a_scene():
     at = run_app()
     no_problems(at)
@@ -232,7 +236,7 @@ def test_demo_model_is_the_default_and_sanity_tab_scores_a_scene():
     assert tables, "the sanity tab shows where each map points"
     open_tab(at, "Overview")
     lm = load_checkpoint("demo")
-    x = prepare_image(load_image(ROOT / "assets" / "demo" / "scenes" / "0_circle.png"), lm.preprocessing).pixels[None]
+    x = prepare_image(load_image(SCENES_DIR / "0_circle.png"), lm.preprocessing).pixels[None]
     with torch.no_grad():
         probs = lm.model(x).logits.softmax(-1)[0]
     shown = [s for s in charts(at) if s["data"] and s["data"][0].get("type") == "bar"]
@@ -301,8 +305,16 @@ def test_memory_estimate_grows_with_tokens_and_gradients():
 
 
 def test_conv_stem_model_explains_the_missing_filter_view(tmp_path):
-    cfg = ViTConfig(image_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_dim=64, num_classes=3,
-                    conv_stem=(8, 16, 32))  # fmt: skip
+    cfg = ViTConfig(
+        image_size=64,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        mlp_dim=64,
+        num_classes=3,
+        conv_stem=(8, 16, 32),
+    )
     m = VisionTransformer(cfg)
     m.init_weights(seed=0)
     save_file({k: v.float().contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "model.safetensors"))

@@ -14,6 +14,10 @@ import torch
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
+from model.resources import DEMO_DIR
+
+pytestmark = pytest.mark.app
+
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "streamlit_app.py")
 CASES = hostile_images.cases()
@@ -47,6 +51,7 @@ def at():
     return at
 
 
+@pytest.mark.slow
 def test_every_hostile_image_through_the_app(at):
     good = png(0)
     for name, (data, expect) in CASES.items():
@@ -79,7 +84,7 @@ def test_hostile_checkpoint_uploads(at, tmp_path):
     marker = tmp_path / "pwned.txt"
     evil = io.BytesIO()
     torch.save({"patch_embed.proj.weight": torch.zeros(4, 3, 2, 2), "x": _CreatesFile(marker)}, evil)
-    truncated = (ROOT / "assets" / "demo" / "model.safetensors").read_bytes()[:5000]
+    truncated = (DEMO_DIR / "model.safetensors").read_bytes()[:5000]
     before = set(Path(tempfile.gettempdir()).iterdir())
     at.radio(key="main_kind").set_value("Upload a checkpoint").run()
     for name, data, says in [
@@ -114,6 +119,7 @@ def test_uploads_over_the_limit_are_refused_plainly(at):
     assert not at.error
 
 
+@pytest.mark.slow
 def test_200_uploads_in_one_session_keep_memory_bounded(at):
     for i in range(20):  # warm-up: caches fill to their bounds
         upload_image(at, f"w{i}.png", png(1000 + i))

@@ -1,4 +1,5 @@
-"""`make run` serves the page on 127.0.0.1 (the page itself is covered by test_app.py)."""
+"""`make run` (`vit-lens app`) and `streamlit run streamlit_app.py` serve the page on 127.0.0.1
+(the page itself is covered by test_app.py)."""
 
 import os
 import socket
@@ -7,6 +8,10 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.app
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,11 +22,16 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_server_serves_page_on_localhost():
+@pytest.mark.parametrize("launcher", ["vit-lens app", "streamlit run"])
+def test_server_serves_page_on_localhost(launcher, tmp_path):
     port = _free_port()
+    if launcher == "vit-lens app":  # from another folder: the options come from the launcher
+        argv, cwd = [sys.executable, "-m", "viz_app", "app", "--server.port", str(port)], tmp_path
+    else:
+        argv, cwd = [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port)], ROOT
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port)],
-        cwd=ROOT,
+        argv,
+        cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -21,6 +21,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from model.resources import EXAMPLES_DIR
+
+pytestmark = pytest.mark.browser
+
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "tests" / "artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -54,10 +58,23 @@ def server():
     port = _free_port()
     log = open(ARTIFACTS.mkdir(parents=True, exist_ok=True) or ARTIFACTS / "server.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--server.headless", "true"],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "streamlit_app.py",
+            "--server.port",
+            str(port),
+            "--server.address",
+            "127.0.0.1",
+            "--server.headless",
+            "true",
+        ],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while True:
@@ -114,7 +131,7 @@ def wait_idle(pg, timeout_s: float = 120) -> None:
 
 def png_bytes(seed: int = 0) -> bytes:
     rng = np.random.default_rng(seed)
-    img = Image.open(ROOT / "assets" / "examples" / "coffee.jpg").convert("RGB")
+    img = Image.open(EXAMPLES_DIR / "coffee.jpg").convert("RGB")
     arr = np.asarray(img).copy()
     arr[:40, :40] = rng.integers(0, 255, (40, 40, 3))
     buf = io.BytesIO()

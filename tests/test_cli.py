@@ -47,6 +47,7 @@ def numpy_rollout(attns: np.ndarray, num_prefix: int) -> np.ndarray:
     return R[0, num_prefix:]
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("grad_rollout", [True, False])  # without: one block of maps reused by every batch
 def test_cli_matches_transformers_reference(tmp_path, hf_folder, images, grad_rollout, monkeypatch):
     folder, hf = hf_folder
@@ -71,7 +72,7 @@ def test_cli_matches_transformers_reference(tmp_path, hf_folder, images, grad_ro
             "--out",
             str(out),
             str(images),
-        ]  # fmt: skip
+        ]
     )
     assert rc == 0
     lm = load_checkpoint(folder)
@@ -124,14 +125,22 @@ def test_unreadable_file_is_reported_and_skipped(tmp_path, hf_folder, images, ca
         ["frobnicate"],
     ],
 )
-def test_bad_arguments_exit_2_with_one_line(tmp_path, images, argv):
+def test_bad_arguments_exit_2_with_one_line(tmp_path, images, argv, capsys):
     argv = [str(images / "img0.png") if a == "IMG" else str(tmp_path / "o") if a == "OUT" else a for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0] and "Traceback" not in err
+
+
+def test_bad_arguments_in_a_real_process(tmp_path, images):
+    """The same through the interpreter: logging set up by main adds no second line."""
+    argv = ["analyze", "--model", "/nope.pth", "--out", str(tmp_path / "o"), str(images / "img0.png")]
     proc = subprocess.run(
         [sys.executable, "-m", "viz_app", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "error" in lines[0] and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("vit-lens: error:") and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_headless_model_writes_features(tmp_path, images):

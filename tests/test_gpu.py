@@ -7,15 +7,13 @@ import pytest
 import torch
 
 from model import load_checkpoint, load_image, prepare_image
+from model.resources import EXAMPLES_DIR
 from viz_app.pipeline import run_forward
 from viz_app.results import analyze_image, gradient_map
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")]
 
-from pathlib import Path  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-IMAGE = ROOT / "assets" / "examples" / "chelsea.jpg"
+IMAGE = EXAMPLES_DIR / "chelsea.jpg"
 
 
 @pytest.mark.parametrize("dtype,tol", [("fp32", 1e-4), ("bf16", 2e-2), ("fp16", 1e-2)])

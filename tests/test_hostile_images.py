@@ -41,6 +41,7 @@ def tiny_model(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_cli_over_every_hostile_file(tmp_path, tiny_model, capsys):
     folder = tmp_path / "in"
     folder.mkdir()

@@ -59,6 +59,7 @@ def test_offline_and_not_cached(tmp_path, monkeypatch):
         load_checkpoint("hf-hub:timm/vit_base_patch16_224.augreg2_in21k_ft_in1k", cache_dir=tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["500", "404", "cut", "slow"])
 def test_server_failures_are_clear_fast_and_leave_no_partial_file(tmp_path, repo_files, online, mode, monkeypatch):
     monkeypatch.setattr(hub, "TIMEOUT_S", 1.0)

@@ -10,6 +10,8 @@ from model import load_checkpoint
 
 import hf_models
 
+pytestmark = pytest.mark.parity
+
 ATTN_TOL = 1e-5
 OUT_TOL = 1e-4
 

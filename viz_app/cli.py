@@ -1,12 +1,15 @@
-"""Batch CLI: `python -m viz_app analyze --model SOURCE --out DIR IMAGE_OR_DIR ...`.
+"""The `vit-lens` command (also `python -m viz_app`).
 
-Exit codes: 0 all images analysed; 1 some were skipped (each reported); 2 bad arguments or a
-model that cannot be loaded (one line on stderr).
+`vit-lens analyze --model SOURCE --out DIR IMAGE_OR_DIR ...` is the batch analysis. Exit codes:
+0 all images analysed; 1 some were skipped (each reported); 2 bad arguments or a model that cannot
+be loaded (one line on stderr). The other subcommands hand their arguments to their own modules:
+`app` (viz_app/app.py), `demo-train`, `demo-evaluate` and `demo-gallery` (viz_app/demo/).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -39,9 +42,19 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+PROG = "vit-lens"
+# subcommand -> (module with a main(argv) -> int, help); their arguments are parsed there
+DELEGATED = {
+    "app": ("viz_app.app", "start the web app on 127.0.0.1 (arguments go to `streamlit run`)"),
+    "demo-train": ("viz_app.demo.train", "train the embedded demo model from scratch"),
+    "demo-evaluate": ("viz_app.demo.evaluate", "score a model on generated shape scenes"),
+    "demo-gallery": ("viz_app.demo.gallery", "write the demo model's test scenes and masks"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m viz_app", description="ViT Lens batch analysis")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = _Parser(prog=PROG, description="ViT Lens: look inside Vision Transformers")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
     a = sub.add_parser("analyze", help="analyse images with a ViT and write arrays, overlays and a summary")
     a.add_argument("--model", required=True, help="demo, a curated key, a checkpoint path or a hub id")
     a.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
@@ -56,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--image-size", type=int, default=None, help="run at another resolution (resamples positions)")
     a.add_argument("--out", required=True, type=Path, help="output folder")
     a.add_argument("inputs", nargs="+", type=Path, help="images or folders of images")
+    for name, (_, text) in DELEGATED.items():  # parsed by their own modules (see main)
+        sub.add_parser(name, help=text, add_help=False)
     return p
 
 
@@ -297,6 +312,10 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:
+        module = importlib.import_module(DELEGATED[argv[0]][0])
+        return module.main(argv[1:])
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         args = build_parser().parse_args(argv)
@@ -304,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_analyze(args)
         raise UsageError(f"unknown command {args.command!r}")
     except UsageError as e:
-        print(f"python -m viz_app: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

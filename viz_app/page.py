@@ -9,14 +9,12 @@ import streamlit as st
 
 from model import PRETRAINED, ViTLensError, available_devices
 from model.preprocess import ImageError
+from model.resources import DEMO_DIR, EXAMPLES_DIR, SCENES_DIR
 from model.weights import parse_hub_id
 from model.weights.hub import offline
-from model.weights.load import DEMO_DIR, LoadedModel
+from model.weights.load import LoadedModel
 from viz_app import cache, pipeline, views
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
-EXAMPLES = ASSETS / "examples"
-SCENES = DEMO_DIR / "scenes"
 # Shown as hints, not enforced by the uploader: a file of any other kind reaches our own checks and
 # gets a message that says what is wrong with it (the uploader's filter would reject it unexplained).
 IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif"]
@@ -26,8 +24,8 @@ FALLBACK_KIND = "Untrained ViT-S/16 (offline fallback)"
 
 
 def gallery() -> dict[str, Path]:
-    items = {f"photo: {p.stem}": p for p in sorted(EXAMPLES.glob("*.jpg"))}
-    items.update({f"scene: {p.stem}": p for p in sorted(SCENES.glob("*.png")) if not p.stem.endswith("_mask")})
+    items = {f"photo: {p.stem}": p for p in sorted(EXAMPLES_DIR.glob("*.jpg"))}
+    items.update({f"scene: {p.stem}": p for p in sorted(SCENES_DIR.glob("*.png")) if not p.stem.endswith("_mask")})
     return items
 
 
@@ -260,7 +258,7 @@ def scene_mask(name: str) -> np.ndarray | None:
     """The target mask of a gallery scene ('scene: <stem>'), else None."""
     if not name.startswith("scene: "):
         return None
-    path = SCENES / f"{name.removeprefix('scene: ')}_mask.png"
+    path = SCENES_DIR / f"{name.removeprefix('scene: ')}_mask.png"
     if not path.is_file():
         return None
     from PIL import Image

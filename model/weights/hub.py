@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..errors import DownloadError
+from ..errors import DownloadError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +107,11 @@ def download_repo(
         ) from None
     except hf_errors.HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
-        raise DownloadError(f"the hub answered {status or 'an error'} for {repo_id}: {_first_line(e)}") from None
+        raise DownloadError(f"the hub answered {status or 'an error'} for {repo_id}: {first_line(e)}") from None
     except (OSError, ValueError) as e:  # network errors, disk full, a body cut short
-        raise DownloadError(f"download of {repo_id} failed: {_first_line(e)}") from None
+        raise DownloadError(f"download of {repo_id} failed: {first_line(e)}") from None
     except Exception as e:  # noqa: BLE001 - httpx2 and friends raise their own types; say it plainly
-        raise DownloadError(f"download of {repo_id} failed: {type(e).__name__}: {_first_line(e)}") from None
+        raise DownloadError(f"download of {repo_id} failed: {type(e).__name__}: {first_line(e)}") from None
     if weights is None:
         where = "in the local cache (HF_HUB_OFFLINE is set)" if told_offline else "in the repository"
         raise DownloadError(f"{repo_id}: no weights file ({', '.join(WEIGHT_FILES)}) found {where}")
@@ -152,7 +152,7 @@ def _preflight(endpoint: str, repo_id: str) -> None:
             raise DownloadError(
                 f"the hub did not answer within {TIMEOUT_S:.0f} s for {repo_id}; try again later"
             ) from None
-        raise DownloadError(f"cannot reach the hub for {repo_id}: {_first_line(e)}") from None
+        raise DownloadError(f"cannot reach the hub for {repo_id}: {first_line(e)}") from None
     if r.status_code >= 500:
         raise DownloadError(f"the hub answered {r.status_code} for {repo_id}; try again later")
     if r.status_code == 404 and r.headers.get("X-Error-Code") in (None, "RepoNotFound"):
@@ -176,8 +176,3 @@ def cached_repos(cache_dir: str | Path | None = None) -> list[str]:
         if repo.repo_type == "model" and names & set(WEIGHT_FILES):
             out.append(repo.repo_id)
     return sorted(out)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__

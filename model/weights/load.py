@@ -15,19 +15,16 @@ from ..device import resolve_device, resolve_dtype
 from ..errors import CheckpointError, IncompatibleCheckpointError
 from ..linear import pack_linears
 from ..pos_embed import resample_pos_embed
+from ..resources import DEMO_DIR, IMAGENET_CLASSES
 from ..vit import VisionTransformer
 from . import convert
 from .configs import DEFAULT_PREPROCESSING, Hints, hf_hints, hf_preprocessing, read_json, timm_hints
-from .hub import download_repo, parse_hub_id
+from .hub import WEIGHT_FILES, download_repo, parse_hub_id
 from .infer import infer_config
 from .readers import read_weights_file
 
 log = logging.getLogger(__name__)
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
-DEMO_DIR = ASSETS / "demo"
-IMAGENET_CLASSES = ASSETS / "imagenet1k_classes.txt"
-WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors")
 WEIGHT_SUFFIXES = (".safetensors", ".npz", ".pth", ".pt", ".bin")
 VITLENS_FORMAT = "vit-lens"
 
@@ -120,12 +117,12 @@ def load_checkpoint(
 def _read_local(path: Path) -> tuple[dict[str, Tensor], Hints, str]:
     """-> (tensors in source names, hints from config files, detected format)."""
     if path.is_dir():
-        weights = next((path / n for n in WEIGHT_NAMES if (path / n).is_file()), None)
+        weights = next((path / n for n in WEIGHT_FILES if (path / n).is_file()), None)
         if weights is None:
             found = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
             if len(found) != 1:
                 raise CheckpointError(
-                    f"{path.name}/: expected one weights file ({', '.join(WEIGHT_NAMES)} or *.npz/*.pth), "
+                    f"{path.name}/: expected one weights file ({', '.join(WEIGHT_FILES)} or *.npz/*.pth), "
                     f"found {len(found)}"
                 )
             weights = found[0]

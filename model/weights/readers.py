@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 
 # Dicts that training scripts wrap a state dict in, most preferred first.
 # DINO releases the teacher; EMA weights are what timm evaluates.
@@ -58,7 +58,7 @@ def read_torch(path: str | Path) -> dict[str, Tensor]:
             f"(that could run code). Details: {first}"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError) as e:
-        raise CheckpointError(f"{name} is not a readable PyTorch checkpoint: {_first_line(e)}") from None
+        raise CheckpointError(f"{name} is not a readable PyTorch checkpoint: {first_line(e)}") from None
     return _flatten_state_dict(obj, name)
 
 
@@ -74,7 +74,7 @@ def read_safetensors(path: str | Path) -> dict[str, Tensor]:
         with safe_open(str(p), framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{p.name} is not a readable safetensors file: {_first_line(e)}") from None
+        raise CheckpointError(f"{p.name} is not a readable safetensors file: {first_line(e)}") from None
 
 
 def _check_safetensors_header(p: Path) -> None:
@@ -150,8 +150,3 @@ def _flatten_state_dict(obj, name: str) -> dict[str, Tensor]:
     if not tensors:
         raise CheckpointError(f"{name} holds no tensors")
     return tensors
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from model import load_checkpoint
+from model.resources import DEMO_DIR
 from model.vit import VisionTransformer
-from model.weights.load import DEMO_DIR, LoadedModel
+from model.weights.load import LoadedModel
 from viz_app import analysis as A
 from viz_app.demo.scenes import make_batch, patch_shares
 from viz_app.demo.train import to_pixels
@@ -243,7 +244,7 @@ Targets:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m viz_app.demo.evaluate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="vit-lens demo-evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="demo")
     p.add_argument("--scenes", type=int, default=2000)
     p.add_argument("--seed", type=int, default=TEST_SEED)

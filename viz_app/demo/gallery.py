@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from model.weights.load import DEMO_DIR
+from model.resources import SCENES_DIR
 from viz_app.demo.scenes import CLASSES, make_scene
 
 GALLERY_SEED = 424_242
@@ -36,8 +36,8 @@ def write_gallery(out: Path, size: int = 96, upscale: int = 1) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m viz_app.demo.gallery")
-    p.add_argument("--out", type=Path, default=DEMO_DIR / "scenes")
+    p = argparse.ArgumentParser(prog="vit-lens demo-gallery")
+    p.add_argument("--out", type=Path, default=SCENES_DIR)
     a = p.parse_args(argv)
     for path in write_gallery(a.out):
         print(path)

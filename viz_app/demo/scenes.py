@@ -13,25 +13,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import cv2
 import numpy as np
 
+from model.resources import EXAMPLES_DIR
+
 CLASSES = ("circle", "square", "triangle", "star", "plus", "hexagon", "ring", "heart")
-PHOTOS = Path(__file__).resolve().parents[2] / "assets" / "examples"
+PHOTOS = EXAMPLES_DIR
 SIZE_RANGE = (0.15, 0.45)  # target extent (bounding diameter) as a share of the image side
 BLOB_IRREGULARITY = 1.6  # a distractor blob's longest radius over its shortest, at least
 MIN_CONTRAST = 90.0  # RGB distance between a shape's colour and the background under it
-PALETTE = np.array(
-    [
-        [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-        [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
-        [0, 128, 128], [170, 110, 40], [255, 250, 200], [128, 0, 0], [170, 255, 195],
-        [0, 0, 128], [255, 255, 255], [0, 0, 0], [128, 128, 128], [255, 215, 180],
-    ],
-    dtype=np.float32,
-)  # fmt: skip
+# 20 distinct colours (RGB, hex), shapes and backgrounds are drawn from
+PALETTE_HEX = (
+    "e6194b 3cb44b ffe119 0082c8 f58230 911eb4 46f0f0 f032e6 d2f53c fabed4"
+    " 008080 aa6e28 fffac8 800000 aaffc3 000080 ffffff 000000 808080 ffd7b4"
+)
+PALETTE = np.array([[int(h[i : i + 2], 16) for i in (0, 2, 4)] for h in PALETTE_HEX.split()], dtype=np.float32)
 
 
 @dataclass

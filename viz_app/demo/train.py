@@ -87,9 +87,20 @@ class Recipe:
 
 # Seconds: a small model memorizes two fixed batches of scenes, so the loss must fall.
 SMOKE = dict(
-    image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, steps=40, batch_size=32, warmup=5, lr=3e-3,
-    pool=2, curriculum_step=1.0, label_smoothing=0.0, conv_stem="8,16",
-)  # fmt: skip
+    image_size=32,
+    patch_size=8,
+    embed_dim=32,
+    depth=2,
+    num_heads=2,
+    steps=40,
+    batch_size=32,
+    warmup=5,
+    lr=3e-3,
+    pool=2,
+    curriculum_step=1.0,
+    label_smoothing=0.0,
+    conv_stem="8,16",
+)
 
 
 def to_pixels(images: np.ndarray) -> torch.Tensor:
@@ -193,10 +204,18 @@ def train(
     def save() -> None:
         tmp = state_path.with_suffix(".tmp")
         torch.save(
-            {"recipe": asdict(r), "model": model.state_dict(), "aux": aux.state_dict(), "opt": opt.state_dict(), "step": step,
-             "elapsed": elapsed, "history": history, "difficulty": difficulty},
+            {
+                "recipe": asdict(r),
+                "model": model.state_dict(),
+                "aux": aux.state_dict(),
+                "opt": opt.state_dict(),
+                "step": step,
+                "elapsed": elapsed,
+                "history": history,
+                "difficulty": difficulty,
+            },
             tmp,
-        )  # fmt: skip
+        )
         tmp.replace(state_path)
 
     stop = {"now": False}
@@ -227,8 +246,15 @@ def train(
             now = time.monotonic()
             if step % log_every == 0 or step == r.steps:
                 elapsed += now - t_last
-                entry = {"step": step, "loss": loss_sum / seen, "train_acc": correct / seen, "lr": lr_at(step - 1, r),
-                         "difficulty": difficulty, "img_s": seen / (now - t_last), "elapsed_s": elapsed}  # fmt: skip
+                entry = {
+                    "step": step,
+                    "loss": loss_sum / seen,
+                    "train_acc": correct / seen,
+                    "lr": lr_at(step - 1, r),
+                    "difficulty": difficulty,
+                    "img_s": seen / (now - t_last),
+                    "elapsed_s": elapsed,
+                }
                 if entry["train_acc"] >= r.curriculum_acc and difficulty < 1.0:
                     difficulty = min(1.0, round(difficulty + r.curriculum_step, 6))
                 if step % eval_every == 0 or step == r.steps:
@@ -247,7 +273,7 @@ def train(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m viz_app.demo.train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="vit-lens demo-train", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--smoke", action="store_true", help="a seconds-long run of the same code")
     p.add_argument("--steps", type=int)
