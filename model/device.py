@@ -40,8 +40,3 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
     if dtype == torch.float16 and device.type == "cpu":
         raise ValueError("fp16 is only offered on a GPU; use bf16 or fp32 on the CPU")
     return dtype
-
-
-def default_dtype(device: torch.device) -> str:
-    """fp32 everywhere by default: maps are then exact. bf16 is the fast option on AMX CPUs and GPUs."""
-    return "fp32"

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from model import Preprocessing, prepare_image
-from viz_app import render
+from viz_app import figures, render
 
 
 def test_overlay_methods():
@@ -68,7 +68,7 @@ def test_tiles_and_filters():
 
 def test_mad_scatter():
     mad = np.arange(12, dtype=float).reshape(3, 4)
-    fig = render.mad_scatter_figure(mad)
+    fig = figures.mad_scatter_figure(mad)
     assert len(fig.data) == 4 and list(fig.data[1].y) == [1.0, 5.0, 9.0]
     assert "pixels" in fig.layout.yaxis.title.text
     png = render.to_png(render.mad_scatter_png(mad))

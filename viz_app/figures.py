@@ -158,3 +158,32 @@ def token_norm_map(
     )
     fig.update_yaxes(autorange="reversed")
     return fig
+
+
+def mad_scatter_figure(mad: np.ndarray, *, title: str = "Mean attention distance", convention: str = "as_is"):
+    """Paper Fig. 7 right / Fig. 11: one dot per (layer, head), depth on x, pixels on y. (L, H)."""
+    L, H = mad.shape
+    fig = go.Figure()
+    for h in range(H):
+        fig.add_trace(
+            go.Scatter(
+                x=np.arange(1, L + 1),
+                y=mad[:, h],
+                mode="markers",
+                name=f"head {h}",
+                hovertemplate="layer %{x}, head " + str(h) + ": %{y:.1f} px<extra></extra>",
+            )
+        )
+    label = "prefix mass counts as 0" if convention == "as_is" else "renormalized over patches"
+    fig.update_layout(
+        title=f"{title} ({label})",
+        xaxis_title="network depth (layer)",
+        yaxis_title="mean attention distance (pixels)",
+        xaxis=dict(dtick=1),
+        # distances start at 0 as in the paper's figure: a range fitted to the data would make
+        # heads that differ by a pixel look specialised
+        yaxis=dict(range=[0, max(1.0, float(np.nanmax(mad)) if mad.size else 1.0) * 1.05]),
+        margin=dict(l=50, r=20, t=50, b=40),
+        height=380,
+    )
+    return fig

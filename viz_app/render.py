@@ -1,4 +1,4 @@
-"""Arrays -> pictures (uint8 RGB arrays and plotly figures). No Streamlit here."""
+"""Arrays -> pictures (uint8 RGB arrays, PNG bytes). No Streamlit here; plotly figures are in figures.py."""
 
 from __future__ import annotations
 
@@ -43,8 +43,9 @@ def upsample(heat: np.ndarray, size: tuple[int, int], method: str = "nearest", *
 
     nearest: every patch a flat block (honest, patch-level; the default).
     bilinear: smooth interpolation between patch centres.
-    paper: the ViT authors' recipe: max-normalize, Lanczos resize, Gaussian blur with
-        radius = patch size; the result is an alpha mask in [0, 1].
+    paper: our reconstruction of the look of the paper's Fig. 6 (no code for it was released):
+        max-normalize, Lanczos resize, Gaussian blur with standard deviation = patch size; the
+        result is an alpha mask in [0, 1].
     """
     H, W = size
     h = np.asarray(heat, dtype=np.float32)
@@ -185,34 +186,6 @@ def filter_tiles(components: np.ndarray, *, cols: int = 7, scale: int = 6, gap: 
         r, c = divmod(k, cols)
         out[gap + r * (t + gap) : gap + r * (t + gap) + t, gap + c * (t + gap) : gap + c * (t + gap) + t] = img
     return out
-
-
-def mad_scatter_figure(mad: np.ndarray, *, title: str = "Mean attention distance", convention: str = "as_is"):
-    """Paper Fig. 7 right / Fig. 11: one dot per (layer, head), depth on x, pixels on y. (L, H)."""
-    import plotly.graph_objects as go
-
-    L, H = mad.shape
-    fig = go.Figure()
-    for h in range(H):
-        fig.add_trace(
-            go.Scatter(
-                x=np.arange(1, L + 1),
-                y=mad[:, h],
-                mode="markers",
-                name=f"head {h}",
-                hovertemplate="layer %{x}, head " + str(h) + ": %{y:.1f} px<extra></extra>",
-            )
-        )
-    label = "prefix mass counts as 0" if convention == "as_is" else "renormalized over patches"
-    fig.update_layout(
-        title=f"{title} ({label})",
-        xaxis_title="network depth (layer)",
-        yaxis_title="mean attention distance (pixels)",
-        xaxis=dict(dtick=1),
-        margin=dict(l=50, r=20, t=50, b=40),
-        height=380,
-    )
-    return fig
 
 
 def mad_scatter_png(mad: np.ndarray, *, size: tuple[int, int] = (640, 420), title: str = "") -> np.ndarray:

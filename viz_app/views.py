@@ -114,9 +114,11 @@ def _apply_patch_click(patch_size: int, grid: tuple[int, int]) -> None:
     if ss.get("hd_click_applied") == (x, y):
         return  # already applied; later edits of row/column win
     ss["hd_click_applied"] = (x, y)
-    row, col = int(y // patch_size), int(x // patch_size)
-    if 0 <= row < grid[0] and 0 <= col < grid[1]:
-        ss["hd_row"], ss["hd_col"], ss["hd_mode"] = row, col, "patch"
+    try:
+        row, col, _ = render.patch_at(x, y, patch_size=patch_size, grid=grid, num_prefix=0)
+    except ValueError:
+        return  # a click on the margin
+    ss["hd_row"], ss["hd_col"], ss["hd_mode"] = row, col, "patch"
 
 
 def query_selector(ctx: Ctx) -> int | None:
@@ -131,12 +133,16 @@ def query_selector(ctx: Ctx) -> int | None:
     row = a.number_input("Patch row", 0, gh - 1, key="hd_row")
     col = b.number_input("Patch column", 0, gw - 1, key="hd_col")
     st.plotly_chart(
-        figures.clickable_view(ctx.result.prepared.view, c.patch_size, num_prefix=c.num_prefix_tokens,
-                               selected=(row, col) if mode == "patch" else None),
+        figures.clickable_view(
+            ctx.result.prepared.view,
+            c.patch_size,
+            num_prefix=c.num_prefix_tokens,
+            selected=(row, col) if mode == "patch" else None,
+        ),
         key="hd_click",
         on_select="rerun",
         selection_mode="points",
-    )  # fmt: skip
+    )
     st.caption("Click a patch to make it the query.")
     if mode == "read-out token":
         return None
@@ -159,10 +165,15 @@ def heads(ctx: Ctx) -> None:
         layer = st.slider("Layer", 1, c.depth, c.depth, key="hd_layer")
         head = st.selectbox("Head", list(range(c.num_heads)), key="hd_head")
         st.plotly_chart(
-            figures.patch_heatmap(maps[layer - 1, head], num_prefix=c.num_prefix_tokens, zmin=0,
-                                  title=f"Layer {layer}, head {head}: attention of {who}", colorbar_title="attention"),
+            figures.patch_heatmap(
+                maps[layer - 1, head],
+                num_prefix=c.num_prefix_tokens,
+                zmin=0,
+                title=f"Layer {layer}, head {head}: attention of {who}",
+                colorbar_title="attention",
+            ),
             key="hd_big",
-        )  # fmt: skip
+        )
     st.markdown(
         f"**All layers x heads** (rows: layers 1-{c.depth}, columns: heads 0-{c.num_heads - 1}; each map on its own scale)"
     )
@@ -174,10 +185,14 @@ def heads(ctx: Ctx) -> None:
             patch = query - c.num_prefix_tokens
             rev = A.attention_to_patch(r.attentions[layer - 1, head], patch=patch, **ctx.kw).numpy()
             st.plotly_chart(
-                figures.patch_heatmap(rev, num_prefix=c.num_prefix_tokens, zmin=0,
-                                      title=f"Who attends to patch {divmod(patch, c.grid[1])} (layer {layer}, head {head})"),
+                figures.patch_heatmap(
+                    rev,
+                    num_prefix=c.num_prefix_tokens,
+                    zmin=0,
+                    title=f"Who attends to patch {divmod(patch, c.grid[1])} (layer {layer}, head {head})",
+                ),
                 key="hd_rev",
-            )  # fmt: skip
+            )
         else:
             st.info("Pick a patch as the query to see the reverse view: which patches attend to it.")
     with b:
@@ -248,8 +263,10 @@ def embeddings(ctx: Ctx) -> None:
     gh, gw = c.grid
     pos = ctx.lm.model.pos_embed.detach().float().cpu()[0, c.pos_embed_prefix :]
     sim = A.position_similarity(pos).numpy()
-    st.markdown("**Position-embedding similarity** (paper Fig. 7, centre): tile (r, c) shows the cosine similarity "
-                "of patch (r, c)'s position embedding to every other patch; one scale from -1 to 1.")  # fmt: skip
+    st.markdown(
+        "**Position-embedding similarity** (paper Fig. 7, centre): tile (r, c) shows the cosine similarity "
+        "of patch (r, c)'s position embedding to every other patch; one scale from -1 to 1."
+    )
     left, right = st.columns([1.4, 1])
     tiles = A.similarity_tiles(torch.from_numpy(sim), c.grid).numpy()
     left.image(render.tile_grid(tiles, vmin=-1, vmax=1, cmap="viridis", scale=tile_scale(c.grid, 600)))
@@ -258,10 +275,17 @@ def embeddings(ctx: Ctx) -> None:
         pr = a.number_input("Patch row", 0, gh - 1, gh // 2, key="pe_row")
         pc = b.number_input("Patch column", 0, gw - 1, gw // 2, key="pe_col")
         st.plotly_chart(
-            figures.patch_heatmap(tiles[pr, pc], num_prefix=c.num_prefix_tokens, zmin=-1, zmax=1,
-                                  colorscale="Viridis", title=f"Similarity to patch ({pr}, {pc})", colorbar_title="cos"),
+            figures.patch_heatmap(
+                tiles[pr, pc],
+                num_prefix=c.num_prefix_tokens,
+                zmin=-1,
+                zmax=1,
+                colorscale="Viridis",
+                title=f"Similarity to patch ({pr}, {pc})",
+                colorbar_title="cos",
+            ),
             key="pe_big",
-        )  # fmt: skip
+        )
         st.caption(
             f"Neighbour contrast (4-neighbours minus 4+ apart): {A.neighbour_contrast(torch.from_numpy(sim), c.grid):.3f}"
         )
@@ -284,8 +308,10 @@ def embeddings(ctx: Ctx) -> None:
 
 def patch_filters(ctx: Ctx) -> None:
     c = ctx.lm.config
-    st.markdown("**Patch-embedding filters** (paper Fig. 7, left): principal components of the linear patch "
-                "embedding, centred first, each with its own symmetric contrast (grey = 0), sign fixed.")  # fmt: skip
+    st.markdown(
+        "**Patch-embedding filters** (paper Fig. 7, left): principal components of the linear patch "
+        "embedding, centred first, each with its own symmetric contrast (grey = 0), sign fixed."
+    )
     pca = A.filter_pca(ctx.lm.model.patch_embed.proj.weight.detach().float().cpu())
     st.image(render.filter_tiles(pca.components.numpy(), cols=7, scale=max(2, 48 // c.patch_size)))
     ev = pca.explained_variance_ratio.numpy()
@@ -312,14 +338,14 @@ def distance(ctx: Ctx, example_mad) -> None:
         key="md_conv",
     )
     mad = ctx.result.mad if conv == "as_is" else ctx.result.mad_renorm
-    st.plotly_chart(render.mad_scatter_figure(mad, title="This image", convention=conv), key="md_this")
+    st.plotly_chart(figures.mad_scatter_figure(mad, title="This image", convention=conv), key="md_this")
     if st.button("Average over the example gallery", key="md_examples"):
         st.session_state["md_show_examples"] = True
     if st.session_state.get("md_show_examples"):
         with st.spinner("Running the model on every example image..."):
             avg, n = example_mad(conv)
         st.plotly_chart(
-            render.mad_scatter_figure(avg, title=f"Mean over {n} example images", convention=conv), key="md_avg"
+            figures.mad_scatter_figure(avg, title=f"Mean over {n} example images", convention=conv), key="md_avg"
         )
 
 
@@ -342,30 +368,51 @@ def analysis_npz(ctx: Ctx, settings: dict) -> bytes:
         arrays["features"] = r.features
     meta = {
         "settings": settings,
-        "model": {"name": ctx.lm.name, "source": ctx.source, "family": ctx.lm.family, "config": ctx.lm.config.to_dict()},
+        "model": {
+            "name": ctx.lm.name,
+            "source": ctx.source,
+            "family": ctx.lm.family,
+            "config": ctx.lm.config.to_dict(),
+        },
         "preprocessing": ctx.lm.preprocessing.to_dict(),
         "device": ctx.device,
         "dtype": ctx.dtype,
         "image_sha256_prefix": ctx.digest,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-                     "streamlit": st.__version__},
-    }  # fmt: skip
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "streamlit": st.__version__,
+        },
+    }
     buf = io.BytesIO()
     np.savez_compressed(buf, settings_json=np.array(json.dumps(meta, indent=2)), **arrays)
     return buf.getvalue()
 
 
 def download(ctx: Ctx, settings: dict) -> None:
-    st.markdown("Download what this page shows. The NPZ holds every array plus `settings_json` (model, "
-                "preprocessing, settings and library versions).")  # fmt: skip
+    st.markdown(
+        "Download what this page shows. The NPZ holds every array plus `settings_json` (model, "
+        "preprocessing, settings and library versions)."
+    )
     opts = {"method": "nearest", "alpha": 0.55, "cmap": "inferno"}
     png = render.to_png(_overlay(ctx, ctx.result.rollout, opts))
     st.download_button("Rollout overlay (PNG)", png, file_name="rollout.png", mime="image/png", key="dl_png")
     png_o = render.to_png(_overlay(ctx, ctx.result.rollout, opts, on_original=True))
-    st.download_button("Rollout on the original image (PNG)", png_o, file_name="rollout_original.png",
-                       mime="image/png", key="dl_png_orig")  # fmt: skip
-    st.download_button("Analysis (NPZ)", analysis_npz(ctx, settings), file_name="analysis.npz",
-                       mime="application/octet-stream", key="dl_npz")  # fmt: skip
+    st.download_button(
+        "Rollout on the original image (PNG)",
+        png_o,
+        file_name="rollout_original.png",
+        mime="image/png",
+        key="dl_png_orig",
+    )
+    st.download_button(
+        "Analysis (NPZ)",
+        analysis_npz(ctx, settings),
+        file_name="analysis.npz",
+        mime="application/octet-stream",
+        key="dl_npz",
+    )
 
 
 # ---- Compare -----------------------------------------------------------------------------------
@@ -393,17 +440,29 @@ def compare(ctx: Ctx, other: LoadedModel | None, other_result: ImageResult | Non
         col.markdown(f"**{title}**")
         col.image(render.tile_grid(A.similarity_tiles(sim, grid).numpy(), vmin=-1, vmax=1, scale=tile_scale(grid, 400)))
     cols[2].markdown("**Difference (first - second)**")
-    cols[2].image(render.tile_grid(A.similarity_tiles(cmp.difference, grid).numpy(), vmin=-1, vmax=1, cmap="coolwarm",
-                                   scale=tile_scale(grid, 400)))  # fmt: skip
+    cols[2].image(
+        render.tile_grid(
+            A.similarity_tiles(cmp.difference, grid).numpy(),
+            vmin=-1,
+            vmax=1,
+            cmap="coolwarm",
+            scale=tile_scale(grid, 400),
+        )
+    )
     st.caption(f"Both resampled to {grid[0]}x{grid[1]} with '{method}'. Difference colour scale: -1 (blue) to 1.")
     left, right = st.columns(2)
     left.plotly_chart(
         figures.curves(
-            {ctx.lm.name: (cmp.decay_a[0].numpy(), cmp.decay_a[1].numpy()), other_name: (cmp.decay_b[0].numpy(), cmp.decay_b[1].numpy())},
-            title="Similarity decay", x_title="grid distance (patches)", y_title="mean cosine similarity",
+            {
+                ctx.lm.name: (cmp.decay_a[0].numpy(), cmp.decay_a[1].numpy()),
+                other_name: (cmp.decay_b[0].numpy(), cmp.decay_b[1].numpy()),
+            },
+            title="Similarity decay",
+            x_title="grid distance (patches)",
+            y_title="mean cosine similarity",
         ),
         key="cmp_decay",
-    )  # fmt: skip
+    )
     right.markdown(
         f"**Row vs column anisotropy** (mean similarity along rows minus along columns):\n\n"
         f"- {ctx.lm.name}: {cmp.anisotropy_a:+.3f}\n- {other_name}: {cmp.anisotropy_b:+.3f}"
@@ -453,8 +512,9 @@ def sanity(ctx: Ctx, mask: np.ndarray | None, scores: dict | None) -> None:
         )
     scale = 4
     canvas = cv2.resize(view, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
-    contours, _ = cv2.findContours(cv2.resize(m, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST),
-                                   cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)  # fmt: skip
+    contours, _ = cv2.findContours(
+        cv2.resize(m, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE
+    )
     cv2.drawContours(canvas, contours, -1, (0, 255, 0), 2)
     colours = [(255, 0, 0), (0, 128, 255), (255, 0, 255)]
     rows = []
@@ -463,10 +523,19 @@ def sanity(ctx: Ctx, mask: np.ndarray | None, scores: dict | None) -> None:
         ps = c.patch_size * scale
         cv2.rectangle(canvas, (cc * ps, r * ps), ((cc + 1) * ps - 1, (r + 1) * ps - 1), colour, 2)
         hit = bool(pointing(heat[None], pm)[0])
-        rows.append({"map": name, "argmax patch": f"({r}, {cc})", "on the target": "yes" if hit else "no",
-                     "energy": round(float(energy(heat[None], pm)[0]), 2)})  # fmt: skip
+        rows.append(
+            {
+                "map": name,
+                "argmax patch": f"({r}, {cc})",
+                "on the target": "yes" if hit else "no",
+                "energy": round(float(energy(heat[None], pm)[0]), 2),
+            }
+        )
     left, right = st.columns([1, 1])
-    left.image(canvas, caption="Green: the target's outline. Boxes: each map's argmax patch "
-               "(red rollout, blue last-layer class token, magenta gradient rollout).")  # fmt: skip
+    left.image(
+        canvas,
+        caption="Green: the target's outline. Boxes: each map's argmax patch "
+        "(red rollout, blue last-layer class token, magenta gradient rollout).",
+    )
     right.table(rows)
     right.caption("Energy: the map's mass inside the target divided by the target's share of the image (1 = chance).")
