@@ -1,4 +1,4 @@
-"""Property tests for every analysis (ANALYSES.md)."""
+"""Property tests for every analysis defined in docs/DEFINITIONS.md."""
 
 import math
 

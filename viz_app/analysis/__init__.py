@@ -1,4 +1,4 @@
-"""Every analysis in shared/ANALYSES.md as pure, batch-aware torch functions (no Streamlit).
+"""Every analysis defined in docs/DEFINITIONS.md as pure, batch-aware torch functions (no Streamlit).
 
 Shapes: B batch, L layers, H heads, T tokens, P prefix tokens, N = gh * gw patches.
 Attention stacks are (B, L, H, T, T), post-softmax. Inputs are never modified.

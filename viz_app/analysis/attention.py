@@ -1,4 +1,8 @@
-"""Per-head attention maps, the reverse view, mass-threshold masks and entropy (ANALYSES.md 1)."""
+"""Per-head attention maps, the reverse view, mass-threshold masks and entropy.
+
+Definitions: docs/DEFINITIONS.md, sections 'Notation and token order', 'Per-head attention maps'
+and 'Attention entropy'.
+"""
 
 from __future__ import annotations
 

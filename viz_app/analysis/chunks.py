@@ -1,5 +1,8 @@
 """Apply a per-map function over many (T, T) maps a few at a time, so that float32 temporaries
-stay small (ViT-L/16 at 384 has 24 x 16 maps of 577 x 577: 0.5 GB per full-size temporary)."""
+stay small (ViT-L/16 at 384 has 24 x 16 maps of 577 x 577: 0.5 GB per full-size temporary).
+
+See docs/DEFINITIONS.md, section 'Memory cost'.
+"""
 
 from __future__ import annotations
 

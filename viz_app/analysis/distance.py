@@ -1,4 +1,7 @@
-"""Mean attention distance per head (paper Fig. 7 right, Fig. 11; ANALYSES.md 4)."""
+"""Mean attention distance per head (paper Fig. 7 right, Fig. 11).
+
+Definition: docs/DEFINITIONS.md, section 'Mean attention distance'.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Principal components of the patch-embedding filters (paper Fig. 7 left; ANALYSES.md 6)."""
+"""Principal components of the patch-embedding filters (paper Fig. 7 left).
+
+Definition: docs/DEFINITIONS.md, section 'Patch-embedding filters'.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Position-embedding similarity and model comparison (paper Fig. 7 centre; ANALYSES.md 5)."""
+"""Position-embedding similarity and model comparison (paper Fig. 7 centre).
+
+Definitions: docs/DEFINITIONS.md, section 'Position-embedding similarity' (resampling methods
+and their known differences from the originals included).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Attention rollout (Abnar & Zuidema 2020) and gradient rollout (Chefer et al. 2021), ANALYSES.md 2-3."""
+"""Attention rollout (Abnar & Zuidema 2020) and gradient rollout (Chefer et al. 2021).
+
+Definitions: docs/DEFINITIONS.md, sections 'Attention rollout' and 'Gradient rollout'.
+"""
 
 from __future__ import annotations
 

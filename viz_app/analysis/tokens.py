@@ -1,4 +1,7 @@
-"""Token norms per layer and high-norm outlier tokens (Darcet et al. 2024, 'registers')."""
+"""Token norms per layer and high-norm outlier tokens (Darcet et al. 2024, 'registers').
+
+Definition: docs/DEFINITIONS.md, section 'Token norms and high-norm outliers'.
+"""
 
 from __future__ import annotations
 
