@@ -17,8 +17,11 @@ def resample_grid(
     Methods, named after where they come from:
       bicubic       timm: bicubic with antialias, align_corners=False (default)
       bicubic_plain bicubic without antialias (transformers' DINOv2)
-      bilinear      the original JAX code (bilinear zoom)
-      bicubic_dino  DINO: bicubic on scale factors with a +0.1 offset, no antialias
+      bilinear      the original JAX code: scipy.ndimage.zoom(grid, zoom, order=1), i.e. linear
+                    interpolation with the corner patches on the corners (output index o samples
+                    input coordinate o * (src - 1) / (dst - 1), coordinate 0 when dst == 1)
+      bicubic_dino  DINO: bicubic, no antialias, with scale_factor = (dst + 0.1) / src per axis
+                    (0.1 added to the target size inside the scale factor)
       nearest       patch replication
     Computed in float32; the result has the input's dtype.
     """
@@ -37,11 +40,13 @@ def resample_grid(
     elif method == "bicubic_plain":
         x = F.interpolate(x, size=(dh, dw), mode="bicubic", align_corners=False)
     elif method == "bilinear":
-        x = F.interpolate(x, size=(dh, dw), mode="bilinear", align_corners=False)
+        # align_corners=True is scipy's zoom order=1 mapping: o -> o * (src - 1) / (dst - 1), and
+        # coordinate 0 for a one-patch output (PyTorch then uses scale 0, as scipy does)
+        x = F.interpolate(x, size=(dh, dw), mode="bilinear", align_corners=True)
     elif method == "bicubic_dino":
         scale = ((dh + 0.1) / sh, (dw + 0.1) / sw)
         x = F.interpolate(x, scale_factor=scale, mode="bicubic", align_corners=False)
-        if x.shape[-2:] != (dh, dw):  # the +0.1 offset guards against float rounding
+        if x.shape[-2:] != (dh, dw):  # adding 0.1 to the target size guards against float rounding
             raise ValueError(f"DINO resampling produced {tuple(x.shape[-2:])}, expected {(dh, dw)}")
     else:
         x = F.interpolate(x, size=(dh, dw), mode="nearest")

@@ -75,6 +75,43 @@ def test_safetensors_header_claiming_more_than_the_file(tmp_path):
         load_checkpoint(huge)
 
 
+def _png_bytes() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("content", "kind"),
+    [
+        (_png_bytes(), "a PNG image"),
+        (b"Secret notes: hello world, these are not tensors\n" * 3, "text"),
+        (b"\x00\x01\x02\x03\x04\x05\x06\x07\x08\x09" * 5, None),
+    ],
+    ids=["png", "text", "binary"],
+)
+def test_a_file_that_is_not_safetensors_says_so(tmp_path, content, kind):
+    """Renamed to .safetensors (alone, or as a folder's weights): the message names the file and
+    says plainly what it is not, without a meaningless header length or the file's contents."""
+    (tmp_path / "photo.safetensors").write_bytes(content)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "model.safetensors").write_bytes(content)
+    for path, name in ((tmp_path / "photo.safetensors", "photo"), (tmp_path / "folder", "model")):
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(path)
+        msg = str(err.value)
+        assert msg.startswith(f"{name}.safetensors is not a safetensors file")
+        if kind:
+            assert f"looks like {kind}" in msg
+        bogus_length = int.from_bytes(content[:8], "little")
+        assert str(bogus_length) not in msg and "claims" not in msg
+        assert "Secret" not in msg and "hello" not in msg and "IHDR" not in msg
+
+
 def test_empty_and_garbage_files(tmp_path):
     (tmp_path / "empty.pth").write_bytes(b"")
     (tmp_path / "junk.safetensors").write_bytes(b"hello world, not tensors")

@@ -201,3 +201,58 @@ def test_dinov2_original_layout(tmp_path):
     for a, b in zip(out.attentions, ref.attentions, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     torch.testing.assert_close(out.features, ref.pooler_output, atol=1e-4, rtol=0)
+
+
+def _odd_image():
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(5).integers(0, 256, (50, 90, 3), dtype=np.uint8))
+
+
+def test_transformers_vit_folder_without_preprocessor_config_gets_vit_image_processor_defaults(tmp_path, hf_vit):
+    """transformers refuses such a folder; a ViTImageProcessor built without arguments resizes straight
+    to the input size (no crop), bilinear, mean = std = 0.5. We apply the same, pixel for pixel."""
+    import transformers as T
+
+    from model import prepare_image
+    from model.weights.configs import PIL_RESAMPLE
+
+    hf_models.save(hf_vit, tmp_path)
+    assert not (tmp_path / "preprocessor_config.json").exists()
+    loaded = load_checkpoint(tmp_path)
+    proc = T.ViTImageProcessorPil
+    pre = loaded.preprocessing
+    assert (pre.mode, pre.input_size) == ("squash", (64, 64))
+    assert pre.interpolation == PIL_RESAMPLE[int(proc.resample)] == "bilinear"
+    assert pre.mean == tuple(proc.image_mean) and pre.std == tuple(proc.image_std) == (0.5, 0.5, 0.5)
+    img = _odd_image()
+    theirs = proc(size={"height": 64, "width": 64})(img, return_tensors="pt").pixel_values[0]
+    torch.testing.assert_close(prepare_image(img, pre).pixels, theirs, atol=1e-6, rtol=0)
+    # run at another size: still resized straight to it
+    pre96 = load_checkpoint(tmp_path, image_size=96).preprocessing
+    assert (pre96.mode, pre96.input_size, pre96.interpolation) == ("squash", (96, 96), "bilinear")
+
+
+def test_transformers_folder_with_preprocessor_config_follows_it(tmp_path, hf_vit):
+    import transformers as T
+
+    hf_models.save(hf_vit, tmp_path)
+    T.ViTImageProcessorPil(size={"height": 64, "width": 64}, resample=3, image_mean=[0.1, 0.2, 0.3]).save_pretrained(
+        tmp_path
+    )
+    pre = load_checkpoint(tmp_path).preprocessing
+    assert (pre.mode, pre.interpolation, pre.mean, pre.std) == ("squash", "bicubic", (0.1, 0.2, 0.3), (0.5,) * 3)
+
+
+def test_google_npz_at_another_size_resamples_like_scipy_zoom(tmp_path, hf_vit):
+    """vit_jax / big_vision: scipy.ndimage.zoom(grid, zoom, order=1) on the (gh, gw, D) grid."""
+    from test_pos_embed import zoom_order1
+
+    path = tmp_path / "ViT.npz"
+    np.savez(path, **layouts.hf_vit_to_google_npz(hf_vit, heads=HEADS))
+    loaded = load_checkpoint(path, image_size=112)  # grid 4x4 -> 7x7
+    src = hf_vit.vit.embeddings.position_embeddings.detach()[0]
+    ref = zoom_order1(src[1:].numpy().reshape(4, 4, -1), (7, 7)).reshape(49, -1)
+    ours = loaded.model.pos_embed.detach()[0]
+    assert torch.equal(ours[0], src[0])
+    np.testing.assert_allclose(ours[1:].numpy(), ref, atol=1e-5, rtol=0)

@@ -99,3 +99,22 @@ def test_decompression_bomb_is_refused_without_decoding():
     assert len(data) < 1000
     with pytest.raises(ImageError, match="pixels|bomb"):
         load_image(data)
+
+
+def test_transformers_defaults_without_a_preprocessor_config():
+    """What each model_type gets from hf_hints when its folder has no preprocessor_config.json."""
+    from model.config import CLIP_MEAN, IMAGENET_MEAN
+    from model.weights.configs import hf_hints
+
+    vit = hf_hints({"model_type": "vit"}).preprocessing
+    assert (vit.mode, vit.crop_pct, vit.interpolation) == ("squash", 1.0, "bilinear")  # ViTImageProcessor
+    assert vit.mean == vit.std == (0.5, 0.5, 0.5)
+    for mt, mean, crop_pct in [
+        ("deit", IMAGENET_MEAN, 0.875),
+        ("dinov2", IMAGENET_MEAN, 224 / 256),
+        ("dinov2_with_registers", IMAGENET_MEAN, 224 / 256),
+        ("clip", CLIP_MEAN, 1.0),
+    ]:
+        cfg = {"model_type": mt, "vision_config": {"model_type": "clip_vision_model"}} if mt == "clip" else {}
+        pre = hf_hints(cfg or {"model_type": mt}).preprocessing
+        assert (pre.mode, pre.crop_pct, pre.interpolation, pre.mean) == ("crop", crop_pct, "bicubic", mean), mt

@@ -29,6 +29,22 @@ DEFAULT_PREPROCESSING = {
     "DINOv2": Preprocessing(crop_pct=224 / 256),
     "CLIP": Preprocessing(crop_pct=1.0, mean=CLIP_MEAN, std=CLIP_STD),
 }
+# A transformers folder without preprocessor_config.json, by model_type (transformers' own
+# AutoImageProcessor refuses such a folder). "vit": ViTImageProcessor's defaults, which are also what
+# Google's hub configs state: resize straight to the input size, bilinear (PIL resample 2), mean =
+# std = 0.5. "clip": CLIPImageProcessor's defaults (shorter side to the input size, centre crop,
+# bicubic, OpenAI mean/std) are the CLIP family defaults. DeiT and DINOv2 keep their family defaults
+# (ImageNet mean/std, 256 -> 224, bicubic), as the official facebook/* preprocessor configs state:
+# the class defaults of DeiTImageProcessor (mean = std = 0.5) and BitImageProcessor (CLIP mean/std,
+# no margin before the crop) are not what those weights were trained with.
+HF_DEFAULT_PREPROCESSING = {
+    "vit": Preprocessing(mode="squash", crop_pct=1.0, interpolation="bilinear", mean=INCEPTION_MEAN, std=INCEPTION_STD),
+    "deit": DEFAULT_PREPROCESSING["DeiT"],
+    "dinov2": DEFAULT_PREPROCESSING["DINOv2"],
+    "dinov2_with_registers": DEFAULT_PREPROCESSING["DINOv2"],
+    "clip_vision_model": DEFAULT_PREPROCESSING["CLIP"],
+    "clip": DEFAULT_PREPROCESSING["CLIP"],
+}
 
 
 @dataclass
@@ -109,7 +125,8 @@ def hf_hints(cfg: dict, where: str = "config.json") -> Hints:
         "norm_eps": float(cfg.get("layer_norm_eps", 1e-12)),
         "image_size": _size2(cfg.get("image_size", 224), where=where),
     }
-    h = Hints(config=out, labels=_labels(cfg.get("id2label")))
+    # preprocessor_config.json, when the folder has one, replaces this (model.weights.load)
+    h = Hints(config=out, labels=_labels(cfg.get("id2label")), preprocessing=HF_DEFAULT_PREPROCESSING[mt])
     if mt in ("vit", "deit"):
         out["qkv_bias"] = bool(cfg.get("qkv_bias", True))
         out["mlp_dim"] = _int(cfg, "intermediate_size", 4 * width, where=where)
@@ -127,7 +144,6 @@ def hf_hints(cfg: dict, where: str = "config.json") -> Hints:
         h.family = "DINOv2"
         # as transformers resamples at run time: antialiased for DINOv2 with registers, plain otherwise
         h.pos_resample = "bicubic" if mt.endswith("registers") else "bicubic_plain"
-        h.preprocessing = DEFAULT_PREPROCESSING["DINOv2"]
     else:
         out["mlp_dim"] = _int(cfg, "intermediate_size", 4 * width, where=where)
         out["pre_norm"] = True

@@ -77,21 +77,54 @@ def read_safetensors(path: str | Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{p.name} is not a readable safetensors file: {first_line(e)}") from None
 
 
+# A few well-known starts of files that get a .safetensors name by mistake.
+_KNOWN_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"PK\x03\x04", "a zip archive (a PyTorch .pth/.bin or a NumPy .npz?)"),
+    (b"\x1f\x8b", "a gzip archive"),
+    *((bytes([0x80, proto]), "a Python pickle (a legacy PyTorch checkpoint?)") for proto in range(2, 6)),
+)
+
+
+def _not_safetensors(name: str, head: bytes) -> CheckpointError:
+    """The error for a file that does not begin as a safetensors file does; no file bytes in it."""
+    kind = next((what for magic, what in _KNOWN_MAGIC if head.startswith(magic)), None)
+    if kind is None and head and all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        kind = "text"
+    why = f"it looks like {kind}" if kind else "it does not begin with a safetensors header"
+    return CheckpointError(
+        f"{name} is not a safetensors file: {why} (a safetensors file begins with an 8-byte header "
+        "length and then a JSON header starting with '{')"
+    )
+
+
 def _check_safetensors_header(p: Path) -> None:
     size = p.stat().st_size
     with open(p, "rb") as f:
-        head = f.read(8)
+        head = f.read(16)
         if len(head) < 8:
             raise CheckpointError(f"{p.name} is too short to be a safetensors file ({size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(SAFETENSORS_MAX_HEADER, size - 8):
-            raise CheckpointError(f"{p.name}: safetensors header claims {n} bytes but the file has {size}")
+        (n,) = struct.unpack("<Q", head[:8])
+        if head[8:9] != b"{":  # the format requires the JSON header to start right there with '{'
+            raise _not_safetensors(p.name, head)
+        if n > size - 8:
+            raise CheckpointError(
+                f"{p.name} is truncated or not a safetensors file: its header claims {n} bytes but the file has {size}"
+            )
+        if n > SAFETENSORS_MAX_HEADER:
+            raise CheckpointError(
+                f"{p.name}: safetensors header claims {n} bytes, more than the "
+                f"{SAFETENSORS_MAX_HEADER // 2**20} MiB accepted"
+            )
+        f.seek(8)
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CheckpointError(f"{p.name}: safetensors header is not valid JSON") from None
+            raise CheckpointError(f"{p.name} is not a valid safetensors file: its header is not valid JSON") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{p.name}: safetensors header is not a JSON object")
+        raise CheckpointError(f"{p.name} is not a valid safetensors file: its header is not a JSON object")
     for key, info in header.items():
         if key == "__metadata__":
             continue
@@ -111,7 +144,7 @@ def read_weights_file(path: str | Path) -> dict[str, Tensor]:
     if not p.is_file():
         raise CheckpointError(f"no such checkpoint file: {p}")
     with open(p, "rb") as f:
-        magic = f.read(8)
+        magic = f.read(9)
     if not magic:
         raise CheckpointError(f"{p.name} is empty")
     if p.suffix == ".npz" or (magic[:2] == b"PK" and _is_npz(p)):
@@ -131,10 +164,11 @@ def _is_npz(p: Path) -> bool:
 
 
 def _looks_like_safetensors(magic: bytes) -> bool:
-    if len(magic) < 8:
+    """An 8-byte little-endian header length, then the JSON header, which starts with '{'."""
+    if len(magic) < 9:
         return False
-    (n,) = struct.unpack("<Q", magic)
-    return 2 <= n <= SAFETENSORS_MAX_HEADER and magic[:2] != b"PK"
+    (n,) = struct.unpack("<Q", magic[:8])
+    return 2 <= n <= SAFETENSORS_MAX_HEADER and magic[8:9] == b"{"
 
 
 def _flatten_state_dict(obj, name: str) -> dict[str, Tensor]:
