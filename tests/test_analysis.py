@@ -317,3 +317,131 @@ def test_rollout_row_equals_row_of_the_full_product(readout):
     want = readout_rows(R, num_prefix=2, readout_tokens=(0, 1), readout=readout)[..., 2:].reshape(2, 2, 4)
     got = A.attention_rollout(attn, num_prefix=2, grid=(2, 4), readout_tokens=(0, 1), readout=readout, **kw)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def _prefix_share_by_loops(attn: torch.Tensor, P: int) -> torch.Tensor:
+    """Written independently: for every map, the mean over patch queries i = P .. T-1 of the
+    mass row i puts on keys 0 .. P-1 divided by the row's total mass."""
+    a = attn.double()
+    *lead, H, T, _ = a.shape
+    flat = a.reshape(-1, H, T, T)
+    out = torch.zeros(flat.shape[0], H, dtype=torch.float64)
+    for m in range(flat.shape[0]):
+        for h in range(H):
+            shares = []
+            for i in range(P, T):
+                row = flat[m, h, i]
+                prefix = sum(float(row[j]) for j in range(P))
+                shares.append(prefix / float(row.sum()))
+            out[m, h] = sum(shares) / len(shares)
+    return out.reshape(*lead, H)
+
+
+@pytest.mark.parametrize("P,grid", [(1, (3, 3)), (3, (2, 3)), (5, (1, 5))])
+def test_prefix_mass_share_matches_loop_definition(P, grid):
+    T = P + grid[0] * grid[1]
+    attn = random_attn(B=2, L=3, H=4, T=T, seed=P)
+    before = attn.clone()
+    got = A.prefix_mass_share(attn, P)
+    assert got.shape == (2, 3, 4)
+    torch.testing.assert_close(got.double(), _prefix_share_by_loops(attn, P))
+    # a share: rows that do not sum to 1 (low-precision softmax) give the same value after scaling
+    scale = torch.rand(2, 3, 4, T, 1, generator=torch.Generator().manual_seed(1)) + 0.5
+    torch.testing.assert_close(A.prefix_mass_share(attn * scale, P), got)
+    torch.testing.assert_close(got.double(), _prefix_share_by_loops(attn * scale, P))
+    # prefix queries do not count: changing their rows changes nothing
+    other = attn.clone()
+    other[..., :P, :] = torch.eye(T)[:P]
+    torch.testing.assert_close(A.prefix_mass_share(other, P), got)
+    assert torch.equal(attn, before)
+    for b in range(2):  # batch-aware: each image on its own gives the same
+        torch.testing.assert_close(A.prefix_mass_share(attn[b : b + 1], P), got[b : b + 1])
+
+
+def test_prefix_mass_share_limits_and_the_cls_sink_head():
+    T, grid = 10, (3, 3)
+    attn = random_attn(B=1, L=2, H=3, T=T)
+    assert torch.equal(A.prefix_mass_share(attn, 0), torch.zeros(1, 2, 3))  # no prefix tokens: 0
+    cls_only = attn.clone()
+    cls_only[0, 1, 2] = 0.0
+    cls_only[0, 1, 2, :, 0] = 1.0  # head (1, 2): every query attends only to the class token
+    share = A.prefix_mass_share(cls_only, 1)
+    assert share[0, 1, 2] == 1.0 and (share[0, :, :2] < 0.5).all() and (share[0, 0] < 0.5).all()
+    # a head sending 99 % of each query's mass to the class token (rest uniform over patches)
+    sink = attn.clone()
+    sink[0, 1, 2, :, 0] = 0.99
+    sink[0, 1, 2, :, 1:] = 0.01 / 9
+    mad = A.mean_attention_distance(sink, num_prefix=1, grid=grid, patch_size=16)
+    assert mad[0, 1, 2] == mad.min()  # "as_is" reads it as the most local head ...
+    torch.testing.assert_close(A.prefix_mass_share(sink, 1)[0, 1, 2], torch.tensor(0.99))  # ... the share says why
+    ren = A.mean_attention_distance(sink, num_prefix=1, grid=grid, patch_size=16, convention="renormalized")
+    assert ren[0, 1, 2] > 50 * mad[0, 1, 2]  # renormalized: spread evenly over the patches, far
+
+
+@pytest.mark.parametrize("P", [1, 4])
+def test_as_is_is_renormalized_times_patch_share_per_query(P):
+    from viz_app.analysis.distance import attention_distance_per_query, prefix_mass_per_query
+
+    grid, ps = (3, 4), 16
+    T = P + 12
+    attn = random_attn(B=2, L=2, H=3, T=T, seed=5)
+    # head (0, 0, 0): patch 0 puts 0.9 on the prefix and 0.1 on the far corner patch 11, every other
+    # patch only on itself, so the share and the renormalized distance go together over the queries
+    attn[0, 0, 0] = torch.eye(T)
+    attn[0, 0, 0, P, :P] = 0.9 / P
+    attn[0, 0, 0, P, P] = 0.0
+    attn[0, 0, 0, P, P + 11] = 0.1
+    kw = dict(num_prefix=P, grid=grid, patch_size=ps)
+    as_is = attention_distance_per_query(attn, **kw)
+    ren = attention_distance_per_query(attn, convention="renormalized", **kw)
+    s = prefix_mass_per_query(attn, num_prefix=P)
+    assert as_is.shape == ren.shape == s.shape == (2, 2, 3, 12)
+    # per-query values against the definitions, by loops
+    d = A.patch_distances(grid, ps).double()
+    a = attn.double()
+    for i in range(12):
+        row = a[0, 1, 2, P + i]
+        want = sum(float(row[P + j]) * float(d[i, j]) for j in range(12))
+        assert abs(float(as_is[0, 1, 2, i]) - want) < 1e-3
+        assert abs(float(ren[0, 1, 2, i]) - want / float(row[P:].sum())) < 1e-3
+        assert abs(float(s[0, 1, 2, i]) - float(row[:P].sum())) < 1e-6
+    # exactly, per query: as_is = renormalized * (1 - share)
+    torch.testing.assert_close(as_is, ren * (1 - s))
+    assert (as_is <= ren + 1e-5).all()
+    # the means: the per-query relation becomes a product of means minus the covariance over queries
+    mad = A.mean_attention_distance(attn, **kw)
+    mad_r = A.mean_attention_distance(attn, convention="renormalized", **kw)
+    share = A.prefix_mass_share(attn, P)
+    torch.testing.assert_close(mad, as_is.mean(-1))
+    torch.testing.assert_close(mad_r, ren.mean(-1))
+    cov = ((ren - ren.mean(-1, keepdim=True)) * (s - s.mean(-1, keepdim=True))).mean(-1)
+    torch.testing.assert_close(mad, mad_r * (1 - share) - cov, atol=1e-4, rtol=1e-5)
+    assert (mad <= mad_r + 1e-5).all()
+    # ... so the plain product of the means is off where the share varies over queries
+    corner = float(A.patch_distances(grid, ps)[0, 11])
+    torch.testing.assert_close(mad[0, 0, 0], torch.tensor(0.1 * corner / 12))
+    torch.testing.assert_close(mad_r[0, 0, 0], torch.tensor(corner / 12))
+    torch.testing.assert_close(share[0, 0, 0], torch.tensor(0.9 / 12))
+    assert float(mad_r[0, 0, 0] * (1 - share[0, 0, 0])) > 9 * float(mad[0, 0, 0])
+    # and exact where every query sends the same share to the prefix
+    even = attn.double().clone()
+    even[..., P:, :P] = 0.3 / P
+    even[..., P:, P:] *= 0.7 / even[..., P:, P:].sum(-1, keepdim=True)
+    even = even.float()
+    torch.testing.assert_close(
+        A.mean_attention_distance(even, **kw),
+        A.mean_attention_distance(even, convention="renormalized", **kw) * (1 - A.prefix_mass_share(even, P)),
+    )
+
+
+def test_prefix_mass_share_chunked_and_on_the_models_layout(monkeypatch):
+    from viz_app.analysis import chunks
+
+    attn = random_attn(B=2, L=3, H=4, T=10, seed=3)
+    stacked = attn.transpose(0, 1).contiguous().transpose(0, 1)  # the model's (L, B, ...) layout
+    whole = A.prefix_mass_share(attn, 2)
+    monkeypatch.setattr(chunks, "CHUNK_VALUES", 80)  # one 8x10 block of patch rows per chunk
+    for x in (attn, stacked, attn.bfloat16()):
+        torch.testing.assert_close(
+            A.prefix_mass_share(x, 2), whole, atol=1e-2 if x.dtype == torch.bfloat16 else 0, rtol=0
+        )

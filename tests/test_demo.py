@@ -103,3 +103,74 @@ def test_scoring_primitives():
     maps = np.array([[[1.0, 0], [0, 0]], [[1.0, 0], [0, 0]]])
     assert ev.pointing(maps, pm).tolist() == [True, False]
     assert ev.energy(maps, pm).tolist() == [4.0, 0.0]
+
+
+def _one_hot_map(B, grid, r, c):
+    maps = np.zeros((B, *grid))
+    maps[:, r, c] = 1.0
+    return maps
+
+
+def test_pointing_loose_and_strict_one_pixel_overlap():
+    """The argmax patch (1, 1) of 8 px covers pixels 8..15; the target touches it in one pixel only."""
+    masks = np.zeros((1, 24, 24), bool)
+    masks[0, 0:9, 0:9] = True  # a 9x9 square: pixel (8, 8) is the corner pixel of patch (1, 1)
+    maps = _one_hot_map(1, (3, 3), 1, 1)
+    pm = ev.patch_masks(masks, 8)
+    assert pm[0, 1, 1] == 1 / 64
+    assert ev.pointing(maps, pm).tolist() == [True]  # loose: one pixel of overlap is a hit
+    assert ev.pointing_strict(maps, masks, 8).tolist() == [False]  # strict: the centre pixel is outside
+
+
+def test_pointing_loose_and_strict_centre_inside():
+    masks = np.zeros((2, 24, 24), bool)
+    masks[0, 12, 12] = True  # a single pixel: the centre pixel (8 + 8 // 2, 8 + 8 // 2) of patch (1, 1)
+    masks[1, 10:14, 10:14] = True  # a 4x4 square in the middle of patch (1, 1)
+    maps = _one_hot_map(2, (3, 3), 1, 1)
+    assert ev.pointing(maps, ev.patch_masks(masks, 8)).tolist() == [True, True]
+    assert ev.pointing_strict(maps, masks, 8).tolist() == [True, True]
+    # the centre pixel is exactly (12, 12): the pixel one up and left of it, inside the patch, is not it
+    off = np.zeros((1, 24, 24), bool)
+    off[0, 11, 11] = True
+    assert ev.pointing(maps[:1], ev.patch_masks(off, 8)).tolist() == [True]
+    assert ev.pointing_strict(maps[:1], off, 8).tolist() == [False]
+    # odd patch size: the true centre pixel (1 * 7 + 3) of patch (1, 2)
+    odd = np.zeros((1, 21, 21), bool)
+    odd[0, 10, 17] = True
+    assert ev.pointing_strict(_one_hot_map(1, (3, 3), 1, 2), odd, 7).tolist() == [True]
+    with pytest.raises(ValueError):
+        ev.pointing_strict(maps, masks[:, :16], 8)  # masks too small for the 3x3 grid of 8 px
+
+
+def test_pointing_strict_uses_each_maps_own_argmax():
+    masks = np.zeros((2, 16, 16), bool)
+    masks[:, 0:8, 8:16] = True  # patch (0, 1) in both images
+    maps = np.stack([_one_hot_map(1, (2, 2), 0, 1)[0], _one_hot_map(1, (2, 2), 1, 0)[0]])
+    assert ev.pointing_strict(maps, masks, 8).tolist() == [True, False]
+    assert ev.pointing(maps, ev.patch_masks(masks, 8)).tolist() == [True, False]
+
+
+def test_score_reports_both_rules_and_the_card_states_them(monkeypatch):
+    """score() on a tiny random model: both pointing rules for every map, strict never above loose."""
+    from model import VisionTransformer
+    from model.config import Preprocessing
+    from model.weights.load import LoadedModel
+    from viz_app.demo.train import SMOKE, Recipe
+
+    cfg = Recipe(**SMOKE).config()
+    model = VisionTransformer(cfg)
+    model.init_weights(seed=1)
+    pre = Preprocessing(input_size=cfg.image_size, mode="squash", mean=(0.5,) * 3, std=(0.5,) * 3)
+    lm = LoadedModel(model.eval().requires_grad_(False), cfg, pre, list(CLASSES), "vit", "test", "test", "tiny")
+    calls = []
+    real = ev.pointing_strict
+    monkeypatch.setattr(ev, "pointing_strict", lambda *a: calls.append(1) or real(*a))
+    s = ev.score(lm, n=12, batch=6)
+    assert set(s["pointing"]) == set(s["pointing_strict"]) == set(ev.MAPS)
+    assert calls and all(0 <= s["pointing_strict"][k] <= s["pointing"][k] <= 1 for k in ev.MAPS)
+    assert set(s["pointing_rules"]) == {"pointing", "pointing_strict"}
+    json.dumps(s)  # what --json writes
+    text = ev.format_scores(s)
+    assert "strict" in text and ev.POINTING_RULES["pointing_strict"] in text
+    card = ev.model_card(lm, s, {})
+    assert "pointing game (strict)" in card and "centre pixel" in card and "by at least one pixel" in card

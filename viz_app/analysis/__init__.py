@@ -11,7 +11,7 @@ from .attention import (
     mass_threshold_mask,
     readout_rows,
 )
-from .distance import mean_attention_distance, patch_distances
+from .distance import mean_attention_distance, patch_distances, prefix_mass_share
 from .filters import filter_pca
 from .posembed import (
     compare_position_embeddings,
@@ -38,6 +38,7 @@ __all__ = [
     "neighbour_contrast",
     "patch_distances",
     "position_similarity",
+    "prefix_mass_share",
     "readout_rows",
     "rollout_per_layer",
     "similarity_by_offset",

@@ -1,6 +1,7 @@
-"""Mean attention distance per head (paper Fig. 7 right, Fig. 11).
+"""Mean attention distance per head (paper Fig. 7 right, Fig. 11), and the share of attention
+that goes to prefix tokens, which the "as_is" convention counts as distance 0.
 
-Definition: docs/DEFINITIONS.md, section 'Mean attention distance'.
+Definitions: docs/DEFINITIONS.md, section 'Mean attention distance'.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def patch_distances(grid: tuple[int, int], patch_size: int, *, device=None) -> T
     return torch.cdist(centres, centres).float().to(device)
 
 
-def mean_attention_distance(
+def attention_distance_per_query(
     attns: Tensor,
     *,
     num_prefix: int,
@@ -29,11 +30,12 @@ def mean_attention_distance(
     patch_size: int,
     convention: str = "as_is",
 ) -> Tensor:
-    """MAD[l, h] = mean over query patches i of sum over patches j of A[i, j] * d(i, j), in pixels.
+    """D[..., h, i] = sum over patches j of A[i, j] * d(i, j), in pixels, for every patch query i.
 
-    attns: (..., H, T, T) -> (..., H). convention "as_is": attention mass on prefix tokens counts
-    as distance 0 (the paper's formula over patches, as common re-implementations do);
-    "renormalized": each query's patch row is renormalized to sum 1 first.
+    attns: (..., H, T, T) -> (..., H, N), queries in patch order (prefix queries left out).
+    convention "as_is": attention mass on prefix tokens counts as distance 0; "renormalized":
+    each query's patch row is renormalized to sum 1 first (the result is 0 for a query that puts
+    no mass on patches). mean_attention_distance is the mean of this over the last dimension.
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
@@ -47,4 +49,61 @@ def mean_attention_distance(
             dist = dist / a.sum(dim=-1).clamp_min(1e-30)
         return dist
 
-    return map_chunks(attns[..., P:, P:], per_query).mean(dim=-1)
+    return map_chunks(attns[..., P:, P:], per_query)
+
+
+def mean_attention_distance(
+    attns: Tensor,
+    *,
+    num_prefix: int,
+    grid: tuple[int, int],
+    patch_size: int,
+    convention: str = "as_is",
+) -> Tensor:
+    """MAD[l, h] = mean over query patches i of sum over patches j of A[i, j] * d(i, j), in pixels.
+
+    attns: (..., H, T, T) -> (..., H). convention "as_is": attention mass on prefix tokens counts
+    as distance 0 (the paper's formula over patches, as common re-implementations do), so a head
+    that sends most of its mass to the class token reads as very local: read it together with
+    prefix_mass_share. "renormalized": each query's patch row is renormalized to sum 1 first.
+    """
+    return attention_distance_per_query(
+        attns, num_prefix=num_prefix, grid=grid, patch_size=patch_size, convention=convention
+    ).mean(dim=-1)
+
+
+def prefix_mass_per_query(attn: Tensor, *, num_prefix: int) -> Tensor:
+    """s[..., h, i] = (sum over prefix keys j < P of A[i, j]) / (sum over all keys j of A[i, j]).
+
+    attn: (..., H, T, T) -> (..., H, N), one value in [0, 1] per patch query i (rows P .. T-1,
+    prefix queries left out), 0 when num_prefix is 0 (and for an all-zero row). For post-softmax
+    rows the denominator is 1; dividing by it keeps low-precision rows exact shares.
+    """
+    P = num_prefix
+
+    def per_query(a: Tensor) -> Tensor:  # (k, N, T) patch queries to all keys -> (k, N)
+        a = a.float()
+        return a[..., :P].sum(dim=-1) / a.sum(dim=-1).clamp_min(1e-30)
+
+    return map_chunks(attn[..., P:, :], per_query)
+
+
+def prefix_mass_share(attn: Tensor, num_prefix: int) -> Tensor:
+    """Mean share of attention mass that patch queries send to prefix tokens, per map.
+
+    share[..., h] = mean over the N patch queries i (rows P .. T-1; the P prefix queries are left
+    out, exactly the queries mean_attention_distance averages over, each weighted 1/N) of
+    s_i = (sum over prefix keys j < P of A[i, j]) / (sum over all keys j of A[i, j]).
+    Prefix tokens are the first num_prefix tokens: class, distillation, registers.
+
+    attn: (..., H, T, T), e.g. (B, L, H, T, T) -> (B, L, H); values in [0, 1]; all 0 when
+    num_prefix is 0; 1 for a head whose patch queries attend only to prefix tokens.
+
+    Relation to mean_attention_distance, for rows that sum to 1 (post-softmax): per query,
+    as_is_i = renormalized_i * (1 - s_i) exactly (attention_distance_per_query and
+    prefix_mass_per_query give the per-query values). For the means over queries this gives
+    MAD_as_is = MAD_renormalized * (1 - share) - cov_i(renormalized_i, s_i) (population
+    covariance over the N queries), so the product form holds for the means only when s_i or
+    renormalized_i is the same for every query; always MAD_as_is <= MAD_renormalized.
+    """
+    return prefix_mass_per_query(attn, num_prefix=num_prefix).mean(dim=-1)

@@ -2,8 +2,9 @@
 
 python -m viz_app.demo.evaluate [--model demo] [--scenes 2000] [--json scores.json]
 
-Every map is scored the same way: the pointing game (does the map's argmax patch overlap the
-target mask?) and energy (map mass inside the mask divided by the mask's share of the image).
+Every map is scored the same way: the pointing game under two rules (loose: does the map's argmax
+patch overlap the target mask by at least one pixel? strict: does the argmax patch's centre pixel
+lie inside the mask?) and energy (map mass inside the mask divided by the mask's share of the image).
 Maps: attention rollout (paper settings, the same code the app shows), last-layer class-token
 attention (mean of heads), gradient rollout for the true class, a centre prior, a random map,
 and the rollout of the same architecture with re-initialized weights (Adebayo et al. 2018).
@@ -35,12 +36,48 @@ MAPS = ("rollout", "last_layer_cls", "grad_rollout", "centre_prior", "random", "
 
 patch_masks = patch_shares  # (B, S, S) bool -> (B, gh, gw) share of each patch inside the mask
 
+# The two pointing-game rules in words, to show next to a result (keys as in score()'s output).
+POINTING_RULES = {
+    "pointing": "loose: a hit when the patch where the map is highest overlaps the target by at least one pixel",
+    "pointing_strict": "strict: a hit when the centre pixel of the patch where the map is highest lies inside "
+    "the target (for an even patch size, the pixel just below and right of the exact centre)",
+}
+
+
+def _argmax_patch(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(B, gh, gw) -> row and column of each map's highest patch (ties: the first in row-major order)."""
+    idx = maps.reshape(len(maps), -1).argmax(axis=1)
+    return np.divmod(idx, maps.shape[-1])
+
 
 def pointing(maps: np.ndarray, pmask: np.ndarray) -> np.ndarray:
-    """(B, gh, gw) each -> (B,) bool: the argmax patch overlaps the mask."""
-    flat = maps.reshape(len(maps), -1)
-    idx = flat.argmax(axis=1)
-    return pmask.reshape(len(maps), -1)[np.arange(len(maps)), idx] > 0
+    """The loose pointing game: a hit when the patch where the map is highest overlaps the target by
+    at least one pixel.
+
+    maps: (B, gh, gw); pmask: (B, gh, gw) share of each patch's pixels inside the target
+    (patch_masks) -> (B,) bool: pmask > 0 at each map's argmax patch (ties: the first patch in
+    row-major order). A patch that the target only grazes counts; see pointing_strict.
+    """
+    r, c = _argmax_patch(maps)
+    return pmask[np.arange(len(maps)), r, c] > 0
+
+
+def pointing_strict(maps: np.ndarray, masks: np.ndarray, patch_size: int) -> np.ndarray:
+    """The strict pointing game: a hit when the centre pixel of the patch where the map is highest
+    lies inside the target.
+
+    maps: (B, gh, gw); masks: (B, S_h, S_w) bool target masks in pixels of the model input, at
+    least gh * patch_size by gw * patch_size (the same masks patch_masks takes) -> (B,) bool.
+    The argmax patch (r, c) (ties: the first in row-major order) covers pixel rows
+    r * p .. r * p + p - 1; its centre pixel is (r * p + p // 2, c * p + p // 2), which for an
+    even p is the pixel just below and right of the exact centre (pixel (4, 4) of an 8 x 8 patch).
+    """
+    B, gh, gw = maps.shape
+    if masks.shape[0] != B or masks.shape[1] < gh * patch_size or masks.shape[2] < gw * patch_size:
+        raise ValueError(f"masks {masks.shape} do not cover {B} maps of {gh}x{gw} patches of {patch_size} px")
+    r, c = _argmax_patch(maps)
+    centre = patch_size // 2
+    return masks[np.arange(B), r * patch_size + centre, c * patch_size + centre].astype(bool)
 
 
 def energy(maps: np.ndarray, pmask: np.ndarray) -> np.ndarray:
@@ -95,13 +132,15 @@ def score(lm: LoadedModel, *, n: int = 2000, seed: int = TEST_SEED, batch: int =
     c = lm.config
     reinit = reinitialized(lm)
     rng = np.random.default_rng(seed)
-    correct, hits, energies = 0, {k: [] for k in MAPS}, {k: [] for k in MAPS}
+    correct = 0
+    hits, strict, energies = ({k: [] for k in MAPS} for _ in range(3))
     for i in range(0, n, batch):
         images, labels, masks = make_batch(np.random.SeedSequence([seed, i]), min(batch, n - i), size=c.image_size[0])
         sm = scene_maps(lm, images, labels, masks, reinit, rng)
         correct += int((sm.preds == sm.labels).sum())
         for k, m in sm.maps.items():
             hits[k].append(pointing(m, sm.pmask))
+            strict[k].append(pointing_strict(m, masks, c.patch_size))
             energies[k].append(energy(m, sm.pmask))
     pos = lm.model.pos_embed.detach().float().cpu()[0, c.pos_embed_prefix :]
     sim = A.position_similarity(pos)
@@ -113,7 +152,9 @@ def score(lm: LoadedModel, *, n: int = 2000, seed: int = TEST_SEED, batch: int =
         "scenes": n,
         "seed": seed,
         "top1_accuracy": correct / n,
-        "pointing": {k: float(np.concatenate(v).mean()) for k, v in hits.items()},
+        "pointing": {k: float(np.concatenate(v).mean()) for k, v in hits.items()},  # the loose rule
+        "pointing_strict": {k: float(np.concatenate(v).mean()) for k, v in strict.items()},
+        "pointing_rules": dict(POINTING_RULES),
         "energy": {k: float(np.concatenate(v).mean()) for k, v in energies.items()},
         "pos_embed_neighbour_contrast": contrast,
     }
@@ -141,9 +182,11 @@ def check_targets(s: dict) -> dict[str, bool]:
 
 def format_scores(s: dict) -> str:
     lines = [f"scenes: {s['scenes']} (seed {s['seed']})", f"top-1 accuracy: {s['top1_accuracy']:.4f}", ""]
-    lines.append(f"{'map':<16} {'pointing':>9} {'energy':>8}")
+    lines.append(f"{'map':<16} {'pointing':>9} {'strict':>9} {'energy':>8}")
     for k in MAPS:
-        lines.append(f"{k:<16} {s['pointing'][k]:>9.4f} {s['energy'][k]:>8.3f}")
+        lines.append(f"{k:<16} {s['pointing'][k]:>9.4f} {s['pointing_strict'][k]:>9.4f} {s['energy'][k]:>8.3f}")
+    lines.append("")
+    lines += [f"pointing game, {POINTING_RULES[k]}." for k in ("pointing", "pointing_strict")]
     lines.append("")
     lines.append(
         f"position-embedding neighbour contrast (neighbours - 4+ apart): {s['pos_embed_neighbour_contrast']:.4f}"
@@ -161,7 +204,9 @@ def model_card(lm: LoadedModel, s: dict, training: dict) -> str:
     hist = training.get("history", [])
     last = hist[-1] if hist else {}
     ok = check_targets(s)
-    rows = "\n".join(f"| {k} | {s['pointing'][k]:.3f} | {s['energy'][k]:.2f} |" for k in MAPS)
+    rows = "\n".join(
+        f"| {k} | {s['pointing'][k]:.3f} | {s['pointing_strict'][k]:.3f} | {s['energy'][k]:.2f} |" for k in MAPS
+    )
     targets = "\n".join(f"- {'met' if v else 'NOT met'}: {k}" for k, v in ok.items())
     if c.linear_patch_embed:
         intro = "A plain Vision Transformer as in Dosovitskiy et al. (2021)"
@@ -223,11 +268,15 @@ full task (seed {s["seed"]}, never used in training), with the same analysis cod
 - Position embeddings: mean cosine similarity of grid neighbours minus that of patches 4 or
   more apart: {s["pos_embed_neighbour_contrast"]:.3f}
 
-| map | pointing game | energy |
-|---|---|---|
+| map | pointing game (loose) | pointing game (strict) | energy |
+|---|---|---|---|
 {rows}
 
-Pointing game: the map's argmax patch overlaps the target mask. Energy: the map's mass inside
+Pointing game, two rules for the same argmax patch (the patch where the map is highest):
+loose, a hit when that patch overlaps the target mask by at least one pixel (the rule the
+targets below use); strict, a hit when that patch's centre pixel lies inside the mask (for the
+even patch size here, the pixel just below and right of the exact centre). A patch that the
+target only grazes is a loose hit and a strict miss. Energy: the map's mass inside
 the mask divided by the mask's share of the image (1 = no better than uniform). Maps: attention
 rollout (paper settings), last-layer class-token attention (mean of heads), gradient rollout
 for the true class, a centre prior, a random map, and the rollout of the same architecture with
