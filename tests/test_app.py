@@ -17,6 +17,7 @@ from streamlit.testing.v1 import AppTest
 from model import VisionTransformer, ViTConfig, load_checkpoint, load_image, prepare_image
 from model.resources import DEMO_DIR, EXAMPLES_DIR, SCENES_DIR
 from viz_app import analysis as A
+from viz_app.sidebar import gallery
 
 pytestmark = pytest.mark.app
 
@@ -84,7 +85,7 @@ def load_path(at: AppTest, path: Path, prefix: str = "main") -> AppTest:
 
 def open_tab(at: AppTest, label: str) -> AppTest:
     """Tabs are lazy (only the open one runs): open one the way a click does."""
-    at.session_state["main_tabs"] = label
+    at.session_state["tab"] = label
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     return at
@@ -99,7 +100,7 @@ def test_default_page_has_every_tab():
     at = run_app()
     no_problems(at)
     labels = [t.label for t in at.tabs]
-    assert labels[:7] == ["Overview", "Heads", "Rollout", "Embeddings", "Attention distance", "Compare", "Download"]
+    assert labels[:7] == ["Overview", "Heads", "Rollout", "Embeddings", "Distance", "Compare", "Download"]
     assert len(at.get("image")) >= 2
     for label in labels:
         open_tab(at, label)
@@ -111,21 +112,20 @@ def test_vit_b16_views_match_the_functions(vit_b16):
     no_problems(at)
     lm = load_checkpoint(vit_b16)
     # the example shown by default
-    name = at.selectbox(key="img_example").value
-    path = next(p for p in (EXAMPLES_DIR).glob("*.jpg") if name.endswith(p.stem))
+    path = gallery()[at.selectbox(key="img").value]
     x = prepare_image(load_image(path), lm.preprocessing).pixels[None]
     with torch.no_grad():
         attn = torch.stack(lm.model(x).attentions, 1)
     c = lm.config
     # Heads: a patch query, layer 3, head 5
     open_tab(at, "Heads")
-    at.radio(key="hd_mode").set_value("patch").run()
+    at.radio(key="hd_query").set_value("patch").run()
     at.number_input(key="hd_row").set_value(4).run()
     at.number_input(key="hd_col").set_value(9).run()
     at.slider(key="hd_layer").set_value(3).run()
-    at.selectbox(key="hd_head").set_value(5).run()
+    at.selectbox(key="hd_head").set_value(6).run()  # heads count from 1 on the page
     no_problems(at)
-    shown = heatmap_with_title(at, "Layer 3, head 5")
+    shown = heatmap_with_title(at, "Layer 3, head 6: attention of patch (4, 9)")
     q = c.num_prefix_tokens + 4 * c.grid[1] + 9
     want = A.attention_maps(attn[0, 2, 5], query=q, num_prefix=1, grid=c.grid).numpy()
     np.testing.assert_allclose(shown, want, atol=1e-5)
@@ -160,8 +160,9 @@ def test_rollout_and_distance_controls(vit_b16):
     open_tab(at, "Overview").toggle(key="ov_original").set_value(True).run()
     open_tab(at, "Heads").toggle(key="hd_drop").set_value(True).run()
     open_tab(at, "Download")
-    assert len(at.get("download_button")) == 3
-    open_tab(at, "Attention distance").radio(key="md_conv").set_value("renormalized").run()
+    names = {b.proto.label for b in at.get("download_button")}
+    assert {"Report (NPZ)", "Rollout overlay", "Gradient rollout overlay", "Every layer and head"} <= names
+    open_tab(at, "Distance")
     no_problems(at)
     at.button(key="md_examples").click().run()
     no_problems(at)
@@ -229,7 +230,7 @@ def test_demo_model_is_the_default_and_sanity_tab_scores_a_scene():
     at = run_app()
     no_problems(at)
     assert at.radio(key="main_kind").value == "Embedded demo"
-    at.selectbox(key="img_example").set_value("scene: 0_circle").run()
+    at.selectbox(key="img").set_value("scene: 0_circle").run()
     open_tab(at, "Sanity check")
     no_problems(at)
     tables = at.get("table")
@@ -265,11 +266,13 @@ def test_failing_hub_then_working_hub_then_offline_cache(tmp_path, monkeypatch):
         state.mode = "500"
         at = load_path(run_app(), Path("acme/tiny-vit"))
         assert [e.value for e in at.error] == [
-            "Could not load the model: the hub answered 500 for acme/tiny-vit; try again later"
+            "Could not load acme/tiny-vit: the hub answered 500 for acme/tiny-vit; try again later "
+            "Showing the previous model, the embedded demo model."
         ]
+        assert at.radio(key="main_kind").value == "Embedded demo"  # the picker names the model shown
         assert at.tabs[0].label == "Overview" and not list((tmp_path / "cache").rglob("*.incomplete"))
         state.mode = "ok"
-        at.button(key="main_load").click().run()
+        at = load_path(at, Path("acme/tiny-vit"))
         no_problems(at)
         assert any("acme/tiny-vit" in m.value for m in at.markdown)  # its model card
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -325,4 +328,4 @@ def test_conv_stem_model_explains_the_missing_filter_view(tmp_path):
     open_tab(at, "Embeddings")
     no_problems(at)
     assert any("convolutional stem" in i.value for i in at.info)
-    assert len(at.get("image")) >= 1  # the position-embedding tiles are still there
+    assert any("Similarity to patch" in str(c.get("layout", {}).get("title")) for c in charts(at))  # tiles still shown

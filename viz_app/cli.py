@@ -9,6 +9,7 @@ be loaded (one line on stderr). The other subcommands hand their arguments to th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import logging
@@ -23,11 +24,12 @@ import numpy as np
 import torch
 
 from model import ViTLensError, load_checkpoint
+from model.errors import first_line
 from model.preprocess import ImageError, PreparedImage, load_image, prepare_image
 from model.weights.load import LoadedModel
 from viz_app import analysis as A
-from viz_app import render
-from viz_app.pipeline import Forward, run_forward
+from viz_app import render, report
+from viz_app.pipeline import run_forward
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 log = logging.getLogger("viz_app")
@@ -66,6 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also the gradient rollout for the top-1 class (one backward pass per batch: about 2x the time)",
     )
+    a.add_argument("--grad-class", type=int, default=None, help="the gradient rollout's class (default: each top-1)")
+    a.add_argument(
+        "--settings",
+        type=Path,
+        default=None,
+        help="a JSON file of report settings, or a report's report_json (e.g. from the app's Download tab); "
+        "the flags below override it",
+    )
+    a.add_argument("--rollout-fusion", choices=report.FUSIONS, default=None)
+    a.add_argument("--rollout-discard", type=float, default=None, help="share in [0, 1) zeroed per layer")
+    a.add_argument("--rollout-readout", choices=report.READOUTS, default=None)
+    a.add_argument("--rollout-layers", default=None, metavar="FIRST-LAST", help="1-based, inclusive (e.g. 4-12)")
+    a.add_argument("--query-patch", default=None, metavar="ROW,COL", help="also each head's map for this patch query")
+    a.add_argument("--drop-prefix", action="store_true", default=None, help="per-head maps renormalized over patches")
     a.add_argument("--image-size", type=int, default=None, help="run at another resolution (resamples positions)")
     a.add_argument("--out", required=True, type=Path, help="output folder")
     a.add_argument("inputs", nargs="+", type=Path, help="images or folders of images")
@@ -106,26 +122,6 @@ def unique_stems(files: list[Path]) -> list[str]:
     return out
 
 
-def analyze_batch(
-    lm: LoadedModel, pixels: torch.Tensor, *, grad_rollout: bool = False, attention_out: torch.Tensor | None = None
-) -> tuple[Forward, dict[str, np.ndarray]]:
-    """The per-image arrays the CLI stores, for a batch (B, 3, H, W). attention_out: a block
-    for the maps, reused across batches (see VisionTransformer.forward)."""
-    c = lm.config
-    fwd = run_forward(lm.model, pixels, gradients=grad_rollout and c.num_classes > 0, attention_out=attention_out)
-    kw = dict(num_prefix=c.num_prefix_tokens, grid=c.grid, readout_tokens=c.readout_tokens)
-    arrays = {
-        "rollout": A.attention_rollout(fwd.attentions, **kw),
-        "readout_attention": A.attention_maps(fwd.attentions, **kw),
-        "mean_attention_distance": A.mean_attention_distance(
-            fwd.attentions, num_prefix=c.num_prefix_tokens, grid=c.grid, patch_size=c.patch_size
-        ),
-    }
-    if fwd.grads is not None:
-        arrays["grad_rollout"] = A.gradient_rollout(fwd.attentions, fwd.grads, **kw)
-    return fwd, {k: v.cpu().numpy() for k, v in arrays.items()}
-
-
 def overlap_stages(device: torch.device) -> bool:
     """Whether reading, the model and writing should overlap: where there are cores to spare (a
     GPU runs the model, or torch uses fewer threads than there are cores), the next batch is
@@ -160,12 +156,58 @@ def read_batch(paths: list[Path], stems: list[str], preprocessing) -> tuple[list
     return items, bad
 
 
-def write_outputs(out: Path, items: list[Item], records: list[dict], patch_size: int) -> None:
-    """Per image: its arrays (.npz) and the rollout overlay on the original (_rollout.png)."""
-    for it, record in zip(items, records, strict=True):
-        np.savez(out / f"{it.stem}.npz", **record)  # floats barely compress; 9x faster than zipped
-        png = render.overlay_on_original(it.original, it.prepared, record["rollout"], patch_size=patch_size)
-        (out / f"{it.stem}_rollout.png").write_bytes(render.to_png(png))
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write under a temporary name in the same folder, then rename: a file under its final name
+    is always complete."""
+    tmp = path.with_name(f".{path.name}.part")
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_outputs(out: Path, items: list[Item], reports: list[report.Report], patch_size: int) -> None:
+    """Per image: its report (.npz) and the rollout overlay on the original (_rollout.png)."""
+    for it, rep in zip(items, reports, strict=True):
+        write_atomic(out / f"{it.stem}.npz", rep.npz_bytes())
+        png = render.overlay_on_original(it.original, it.prepared, rep.arrays["rollout"], patch_size=patch_size)
+        write_atomic(out / f"{it.stem}_rollout.png", render.to_png(png))
+
+
+def settings_from_args(args: argparse.Namespace) -> report.Settings:
+    """Report settings: the --settings file, then the flags."""
+    d: dict = {}
+    if args.settings is not None:
+        try:
+            loaded = json.loads(args.settings.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UsageError(f"cannot read settings {args.settings}: {first_line(e)}") from None
+        d = loaded.get("settings", loaded) if isinstance(loaded, dict) else None
+        if not isinstance(d, dict):
+            raise UsageError(f"{args.settings}: expected a JSON object of settings")
+    flags = {
+        "rollout_fusion": args.rollout_fusion,
+        "rollout_discard": args.rollout_discard,
+        "rollout_readout": args.rollout_readout,
+        "drop_prefix": args.drop_prefix,
+        "grad_class": args.grad_class,
+    }
+    d |= {k: v for k, v in flags.items() if v is not None}
+    if args.grad_rollout or args.grad_class is not None:
+        d["grad_rollout"] = True
+    if args.save_attentions:
+        d["save_attentions"] = True
+    try:
+        if args.rollout_layers is not None:
+            first, _, last = args.rollout_layers.partition("-")
+            d["rollout_first_layer"], d["rollout_last_layer"] = int(first), int(last)
+        if args.query_patch is not None:
+            row, _, col = args.query_patch.partition(",")
+            d["query_patch"] = (int(row), int(col))
+        return report.Settings.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"bad settings: {first_line(e)}") from None
 
 
 def model_arrays(lm: LoadedModel) -> dict[str, np.ndarray]:
@@ -187,14 +229,6 @@ def model_arrays(lm: LoadedModel) -> dict[str, np.ndarray]:
     return arrays
 
 
-def top5(lm: LoadedModel, probs: np.ndarray) -> list[dict]:
-    idx = np.argsort(-probs)[:5]
-    return [
-        {"class": int(i), "label": lm.labels[i] if lm.labels else str(int(i)), "probability": float(probs[i])}
-        for i in idx
-    ]
-
-
 class Progress:
     def __init__(self, total: int, stream=None) -> None:
         self.total, self.done, self.start = total, 0, time.monotonic()
@@ -214,6 +248,7 @@ class Progress:
 def run_analyze(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+    settings = settings_from_args(args)
     files = collect_inputs(args.inputs)
     try:
         lm = load_checkpoint(args.model, device=args.device, dtype=args.dtype, image_size=args.image_size)
@@ -226,6 +261,15 @@ def run_analyze(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot create output folder {out}: {e.strerror}") from None
     start = time.monotonic()
     c = lm.config
+    try:
+        settings.layer_range(c.depth)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if settings.query_patch is not None and not all(0 <= v < n for v, n in zip(settings.query_patch, c.grid)):
+        raise UsageError(f"--query-patch {settings.query_patch} is outside the {c.grid[0]}x{c.grid[1]} patch grid")
+    # a model without a classifier has no class to explain: its reports say so by leaving grad_rollout out
+    no_grad_settings = dataclasses.replace(settings, grad_rollout=False, grad_class=None)
+    model_meta = report.model_meta(lm, str(args.model))
     skipped: list[dict] = []
     results: dict[str, dict] = {}
     mad_all: list[np.ndarray] = []
@@ -248,33 +292,39 @@ def run_analyze(args: argparse.Namespace) -> int:
                 skipped.append({"file": str(path), "reason": reason})
             if items:
                 pixels = torch.stack([it.prepared.pixels for it in items]).to(lm.device, lm.dtype)
-                if block is None and not args.grad_rollout:  # one block for every batch's maps
+                if block is None and not settings.grad_rollout:  # one block for every batch's maps
                     size = min(args.batch_size, len(files))
                     block = lm.model.new_attention_block(size, device=lm.device, dtype=lm.dtype)
                 maps = None if block is None else block[:, : len(items)]
-                fwd, arrays = analyze_batch(lm, pixels, grad_rollout=args.grad_rollout, attention_out=maps)
-                logits = fwd.logits.cpu().numpy() if fwd.logits is not None else None
-                feats = fwd.features.cpu().numpy()
-                attns = fwd.attentions.cpu().numpy() if args.save_attentions else None
-                records = []
+                gradients = settings.grad_rollout and c.num_classes > 0
+                target = None
+                if gradients and settings.grad_class is not None:
+                    target = torch.full((len(items),), settings.grad_class, dtype=torch.long)
+                fwd = run_forward(lm.model, pixels, gradients=gradients, target=target, attention_out=maps)
+                batch_settings = settings if gradients or not settings.grad_rollout else no_grad_settings
+                arrays = report.analyze_batch(lm, fwd, batch_settings)
+                reports = []
                 for b, it in enumerate(items):
                     # copies: an analysis may return a view of the block, which the next batch overwrites
-                    record = {k: v[b].copy() for k, v in arrays.items()}
-                    record["logits" if logits is not None else "features"] = (
-                        logits[b] if logits is not None else feats[b]
-                    )
-                    if attns is not None:
-                        record["attentions"] = attns[b].astype(np.float32, copy=True)
-                    records.append(record)
-                    mad_all.append(arrays["mean_attention_distance"][b])
+                    one = report.split(arrays, b)
+                    one["model_view"] = it.prepared.view
+                    image = {"name": it.path.name, "original_size": list(it.prepared.original_size)}
+                    reports.append(report.Report(one, batch_settings, model_meta, image))
+                    mad_all.append(one["mean_attention_distance"])
                     entry = {"file": str(it.path), "npz": f"{it.stem}.npz"}
-                    if logits is not None:
-                        probs = torch.from_numpy(logits[b]).softmax(-1).numpy()
-                        entry["top5"] = top5(lm, probs)
+                    if "top5_classes" in one:
+                        entry["top5"] = [
+                            {
+                                "class": int(k),
+                                "label": lm.labels[k] if lm.labels else str(int(k)),
+                                "probability": float(p),
+                            }
+                            for k, p in zip(one["top5_classes"], one["top5_probabilities"])
+                        ]
                     results[it.stem] = entry
                 if last_write is not None:
                     last_write.result()
-                last_write = writer.submit(write_outputs, out, items, records, c.patch_size)
+                last_write = writer.submit(write_outputs, out, items, reports, c.patch_size)
             progress.step(len(batches[k][0]))
         if last_write is not None:
             last_write.result()
@@ -300,7 +350,8 @@ def run_analyze(args: argparse.Namespace) -> int:
         "device": str(lm.device),
         "dtype": str(lm.dtype).removeprefix("torch."),
         "preprocessing": lm.preprocessing.to_dict(),
-        "rollout_settings": {"head_fusion": "mean", "discard_ratio": 0.0, "layers": "all", "readout": "auto"},
+        "settings": settings.to_dict(),
+        "schema_version": report.SCHEMA_VERSION,
         "mean_attention_distance_convention": "as_is (prefix mass counts as distance 0), pixels",
         "images": results,
         "skipped": skipped,

@@ -6,16 +6,14 @@ import cv2
 import numpy as np
 
 from model.preprocess import PreparedImage
+from viz_app import colormaps
 
-COLORMAPS = {
-    "inferno": cv2.COLORMAP_INFERNO,
-    "viridis": cv2.COLORMAP_VIRIDIS,
-    "jet": cv2.COLORMAP_JET,
-    "magma": cv2.COLORMAP_MAGMA,
-    "turbo": cv2.COLORMAP_TURBO,
-    "coolwarm": cv2.COLORMAP_TWILIGHT_SHIFTED,
-}
 UPSAMPLING = ("nearest", "bilinear", "paper")
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def _text(img: np.ndarray, text: str, org: tuple[int, int], scale: float, color=(20, 20, 20), thick: int = 1) -> None:
+    cv2.putText(img, text, org, FONT, scale, color, thick, cv2.LINE_AA)
 
 
 def normalize(heat: np.ndarray, vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
@@ -31,11 +29,11 @@ def normalize(heat: np.ndarray, vmin: float | None = None, vmax: float | None = 
 def colorize(
     heat: np.ndarray, cmap: str = "inferno", vmin: float | None = None, vmax: float | None = None
 ) -> np.ndarray:
-    """(h, w) float -> (h, w, 3) uint8 RGB with an OpenCV colormap."""
-    if cmap not in COLORMAPS:
-        raise ValueError(f"unknown colormap {cmap!r}; choose from {sorted(COLORMAPS)}")
+    """(h, w) float -> (h, w, 3) uint8 RGB through the colour map's table (viz_app/colormaps.py);
+    vmin maps to the table's first colour, vmax to its last."""
+    lut = colormaps.get(cmap).lut
     u8 = (normalize(heat, vmin, vmax) * 255 + 0.5).astype(np.uint8)
-    return cv2.applyColorMap(u8, COLORMAPS[cmap])[..., ::-1].copy()
+    return lut[u8]
 
 
 def upsample(heat: np.ndarray, size: tuple[int, int], method: str = "nearest", *, patch_size: int = 16) -> np.ndarray:
@@ -73,13 +71,15 @@ def overlay(
     vmax: float | None = None,
 ) -> np.ndarray:
     """Heat map over the image the model sees. With method 'paper' the map is an alpha mask
-    over black (paper Fig. 6); otherwise a colormap blended with `alpha`."""
+    over black (paper Fig. 6); otherwise a colour map blended with `alpha`, over the range
+    colormaps.value_range gives (by default 0 to the map's maximum: 0 is the darkest colour)."""
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     H, W = view.shape[:2]
     up = upsample(heat, (H, W), method, patch_size=patch_size)
     if method == "paper":
         return (view.astype(np.float32) * up[..., None]).astype(np.uint8)
+    vmin, vmax = colormaps.value_range(heat, colormaps.get(cmap).kind, vmin, vmax)
     color = colorize(up, cmap, vmin, vmax)
     return (view.astype(np.float32) * (1 - alpha) + color.astype(np.float32) * alpha + 0.5).astype(np.uint8)
 
@@ -104,41 +104,42 @@ def overlay_on_original(original: np.ndarray, prepared: PreparedImage, heat: np.
 
 
 def draw_patch_grid(
-    view: np.ndarray, patch_size: int, *, labels: bool = True, highlight: tuple[int, int] | None = None
+    view: np.ndarray,
+    patch_size: int,
+    *,
+    labels: bool = True,
+    highlight: tuple[int, int] | None = None,
+    min_side: int = 672,
 ) -> np.ndarray:
-    """Patch grid on the model's view, with row/column numbers in a margin; optionally one patch
-    (row, col) outlined."""
+    """Patch grid on the model's view, with row/column numbers (from 0) in a margin; optionally
+    one patch (row, col) outlined. The view is enlarged (nearest, a whole factor) until its long
+    side is at least min_side px, so that the numbers stay legible when the picture is shown
+    at column width."""
     H, W = view.shape[:2]
     gh, gw = H // patch_size, W // patch_size
-    img = view.copy()
-    line = (255, 255, 255)
+    k = max(1, int(np.ceil(min_side / max(H, W))))
+    img = cv2.resize(view, (W * k, H * k), interpolation=cv2.INTER_NEAREST) if k > 1 else view.copy()
+    ps = patch_size * k
     for r in range(1, gh):
-        img[r * patch_size, :] = line
+        img[r * ps, :] = 255
     for c in range(1, gw):
-        img[:, c * patch_size] = line
+        img[:, c * ps] = 255
     if highlight is not None:
         r, c = highlight
-        cv2.rectangle(
-            img,
-            (c * patch_size, r * patch_size),
-            ((c + 1) * patch_size - 1, (r + 1) * patch_size - 1),
-            (0, 255, 255),
-            2,
-        )
+        cv2.rectangle(img, (c * ps, r * ps), ((c + 1) * ps - 1, (r + 1) * ps - 1), (0, 255, 255), max(2, k))
     if not labels:
         return img
-    scale = 3 if max(H, W) < 400 else 1  # small model inputs get upscaled so labels stay legible
-    img = cv2.resize(img, (W * scale, H * scale), interpolation=cv2.INTER_NEAREST)
-    ps = patch_size * scale
-    margin = 22
-    canvas = np.full((H * scale + margin, W * scale + margin, 3), 255, np.uint8)
+    fs = max(0.45, max(H, W) * k / 1100)
+    (tw, th), _ = cv2.getTextSize(str(max(gh, gw) - 1), FONT, fs, 1)
+    margin = tw + 10
+    canvas = np.full((H * k + margin, W * k + margin, 3), 255, np.uint8)
     canvas[margin:, margin:] = img
-    step = max(1, int(np.ceil(14 / ps)))  # skip labels that would overlap
-    font, fs = cv2.FONT_HERSHEY_SIMPLEX, 0.35
+    step = max(1, int(np.ceil((tw + 6) / ps)))  # skip labels that would overlap
     for c in range(0, gw, step):
-        cv2.putText(canvas, str(c), (margin + c * ps + 2, 15), font, fs, (40, 40, 40), 1, cv2.LINE_AA)
+        x = margin + c * ps + (ps - cv2.getTextSize(str(c), FONT, fs, 1)[0][0]) // 2
+        _text(canvas, str(c), (x, margin - 5), fs, (40, 40, 40))
     for r in range(0, gh, step):
-        cv2.putText(canvas, str(r), (2, margin + r * ps + min(ps, 14)), font, fs, (40, 40, 40), 1, cv2.LINE_AA)
+        _text(canvas, str(r), (3, margin + r * ps + (ps + th) // 2), fs, (40, 40, 40))
     return canvas
 
 
@@ -188,38 +189,92 @@ def filter_tiles(components: np.ndarray, *, cols: int = 7, scale: int = 6, gap: 
     return out
 
 
-def mad_scatter_png(mad: np.ndarray, *, size: tuple[int, int] = (640, 420), title: str = "") -> np.ndarray:
-    """The same scatter as a PNG-ready RGB array (for the CLI; no browser needed)."""
+def mad_scatter_png(
+    mad: np.ndarray,
+    *,
+    size: tuple[int, int] = (1200, 800),
+    title: str = "",
+    prefix_share: np.ndarray | None = None,
+    ymax: float | None = None,
+    mark_at: float = 0.5,
+) -> np.ndarray:
+    """The Fig. 7 (right) scatter as an RGB array (for downloads and the CLI; no browser needed):
+    one dot per (layer, head), layers from 1 on x, pixels from 0 on y, heads coloured by the
+    same palette as the page; heads whose prefix share is at least mark_at are open circles."""
     L, H = mad.shape
     W, Hh = size
     img = np.full((Hh, W, 3), 255, np.uint8)
-    left, right, top, bottom = 60, 20, 36, 50
-    ymax = max(1.0, float(np.nanmax(mad)) * 1.1)
+    fs = max(0.45, W / 1600)
+    left, right, top, bottom = int(110 * fs), 30, int(90 * fs), int(90 * fs)
+    ymax = max(1.0, float(np.nanmax(mad)) * 1.1) if ymax is None else ymax
     x_of = lambda i: int(left + (i + 0.5) / L * (W - left - right))  # noqa: E731
     y_of = lambda v: int(Hh - bottom - v / ymax * (Hh - top - bottom))  # noqa: E731
-    black, grey = (0, 0, 0), (200, 200, 200)
-    font = cv2.FONT_HERSHEY_SIMPLEX
+    black, grey = (0, 0, 0), (210, 210, 210)
     for t in np.linspace(0, ymax, 6):
         y = y_of(t)
         cv2.line(img, (left, y), (W - right, y), grey, 1)
-        cv2.putText(img, f"{t:.0f}", (8, y + 4), font, 0.4, black, 1, cv2.LINE_AA)
+        _text(img, f"{t:.0f}", (8, y + int(8 * fs)), fs, black)
     cv2.line(img, (left, Hh - bottom), (W - right, Hh - bottom), black, 1)
     cv2.line(img, (left, top), (left, Hh - bottom), black, 1)
-    step = max(1, L // 12)
+    step = max(1, L // 24)
     for i in range(0, L, step):
-        cv2.putText(img, str(i + 1), (x_of(i) - 4, Hh - bottom + 16), font, 0.4, black, 1, cv2.LINE_AA)
-    palette = cv2.applyColorMap(np.linspace(0, 255, max(H, 2)).astype(np.uint8)[:, None], cv2.COLORMAP_TURBO)[
-        :, 0, ::-1
-    ]
+        _text(img, str(i + 1), (x_of(i) - int(8 * fs), Hh - bottom + int(30 * fs)), fs, black)
+    palette = colormaps.get("viridis").lut[np.linspace(0, 230, max(H, 1)).round().astype(int)]
+    high = np.zeros_like(mad, bool) if prefix_share is None else np.asarray(prefix_share) >= mark_at
+    radius = max(4, int(7 * fs))
     for i in range(L):
         for h in range(H):
             color = tuple(int(v) for v in palette[h])
-            cv2.circle(img, (x_of(i), y_of(float(mad[i, h]))), 4, color, -1, cv2.LINE_AA)
-    cv2.putText(img, "network depth (layer)", (W // 2 - 80, Hh - 12), font, 0.45, black, 1, cv2.LINE_AA)
-    cv2.putText(img, "mean attention distance (px)", (left, 22), font, 0.45, black, 1, cv2.LINE_AA)
+            centre = (x_of(i), y_of(float(mad[i, h])))
+            cv2.circle(img, centre, radius, color, 2 if high[i, h] else -1, cv2.LINE_AA)
+    _text(img, "network depth (layer)", (W // 2 - int(130 * fs), Hh - int(20 * fs)), fs * 1.1, black)
+    _text(img, "mean attention distance (pixels)", (left, top - int(20 * fs)), fs * 1.1, black)
     if title:
-        cv2.putText(img, title, (W - right - 8 * len(title), 22), font, 0.4, black, 1, cv2.LINE_AA)
+        _text(img, title, (left, int(36 * fs)), fs * 1.3, black, thick=2)
+    if high.any():
+        _text(
+            img, f"open circles: prefix share >= {mark_at}", (W - right - int(520 * fs), top - int(20 * fs)), fs, black
+        )
     return img
+
+
+def labelled_grid(
+    tiles: np.ndarray,
+    *,
+    row_name: str,
+    col_name: str,
+    cmap: str,
+    vmin: float,
+    vmax: float,
+    first: int = 1,
+    min_side: int = 1024,
+) -> np.ndarray:
+    """tile_grid with its rows and columns numbered (from `first`) and named in a margin, at
+    least min_side px on its long side."""
+    R, C, h, w = tiles.shape
+    scale = max(1, int(np.ceil(min_side / max(R * (h + 1), C * (w + 1)))))
+    grid = tile_grid(tiles, vmin=vmin, vmax=vmax, cmap=cmap, scale=scale)
+    gh, gw = grid.shape[:2]
+    fs = max(0.5, max(gh, gw) / 1800)
+    (tw, th), _ = cv2.getTextSize(str(max(R, C) + first), FONT, fs, 1)
+    mx, my = tw + int(60 * fs), th + int(60 * fs)
+    out = np.full((gh + my, gw + mx, 3), 255, np.uint8)
+    out[my:, mx:] = grid
+    step_c = max(1, int(np.ceil((tw + 8) / (w * scale + 1))))
+    step_r = max(1, int(np.ceil((th + 8) / (h * scale + 1))))
+    for c in range(0, C, step_c):
+        label = str(c + first)
+        x = mx + 1 + c * (w * scale + 1) + (w * scale - cv2.getTextSize(label, FONT, fs, 1)[0][0]) // 2
+        _text(out, label, (x, my - 6), fs)
+    for r in range(0, R, step_r):
+        _text(out, str(r + first), (int(40 * fs), my + 1 + r * (h * scale + 1) + (h * scale + th) // 2), fs)
+    _text(out, col_name, (mx, int(28 * fs) + th // 2), fs)
+    side = np.full((th + 8, cv2.getTextSize(row_name, FONT, fs, 1)[0][0] + 4, 3), 255, np.uint8)
+    _text(side, row_name, (2, th + 2), fs)
+    side = np.rot90(side)
+    y0 = my + max(0, (gh - side.shape[0]) // 2)
+    out[y0 : y0 + side.shape[0], 2 : 2 + side.shape[1]] = side[: out.shape[0] - y0]
+    return out
 
 
 def to_png(image: np.ndarray) -> bytes:
@@ -227,3 +282,70 @@ def to_png(image: np.ndarray) -> bytes:
     if not ok:
         raise ValueError("PNG encoding failed")
     return buf.tobytes()
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.2e}"
+
+
+def colorbar(
+    height: int, *, cmap: str, vmin: float, vmax: float, label: str = "", width: int = 0, ticks: int = 5
+) -> np.ndarray:
+    """A vertical colour bar (RGB, white background) `height` px tall: the colour map from vmin
+    (bottom) to vmax (top), `ticks` labelled values, and the quantity's name along the bar."""
+    scale = max(0.4, height / 900)
+    bar_w = max(12, height // 25)
+    tick_w = max(cv2.getTextSize(_fmt(v), FONT, scale, 1)[0][0] for v in np.linspace(vmin, vmax, ticks))
+    width = width or bar_w + tick_w + int(40 * scale) + 16
+    pad = max(8, height // 40)
+    out = np.full((height, width, 3), 255, np.uint8)
+    inner = height - 2 * pad
+    ramp = np.linspace(1.0, 0.0, inner)[:, None].repeat(bar_w, axis=1)  # top = vmax
+    out[pad : pad + inner, 4 : 4 + bar_w] = colormaps.get(cmap).lut[(ramp * 255 + 0.5).astype(np.uint8)]
+    cv2.rectangle(out, (4, pad), (4 + bar_w - 1, pad + inner - 1), (60, 60, 60), 1)
+    for v in np.linspace(vmin, vmax, ticks):
+        y = int(round(pad + (1 - (v - vmin) / (vmax - vmin or 1)) * (inner - 1)))
+        cv2.line(out, (4 + bar_w, y), (8 + bar_w, y), (20, 20, 20), 1)
+        _text(out, _fmt(float(v)), (11 + bar_w, y + int(5 * scale)), scale)
+    if label:  # written upwards along the right edge
+        (tw, th), _ = cv2.getTextSize(label, FONT, scale, 1)
+        strip = np.full((th + 8, tw + 4, 3), 255, np.uint8)
+        _text(strip, label, (2, th + 2), scale)
+        strip = np.rot90(strip)
+        h, w = strip.shape[:2]
+        y0 = max(0, (height - h) // 2)
+        x0 = width - w - 2
+        out[y0 : y0 + min(h, height), x0 : x0 + w] = strip[: height - y0]
+    return out
+
+
+def publication_figure(
+    image: np.ndarray,
+    *,
+    title: str,
+    cmap: str | None,
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+    label: str = "",
+    min_long_side: int = 1024,
+) -> tuple[np.ndarray, str]:
+    """An image at publication size with a title above and (for a colour-mapped view) its colour
+    bar beside it. The image is enlarged by the smallest whole factor that makes its long side at
+    least `min_long_side` px, with nearest-neighbour upscaling (no new detail, patches stay sharp).
+    Returns (RGB array, a note naming the upscaling, e.g. 'nearest x5 from 224x224 px')."""
+    h, w = image.shape[:2]
+    factor = max(1, int(np.ceil(min_long_side / max(h, w))))
+    big = cv2.resize(image, (w * factor, h * factor), interpolation=cv2.INTER_NEAREST) if factor > 1 else image
+    note = f"nearest x{factor} from {w}x{h} px" if factor > 1 else f"{w}x{h} px, not upscaled"
+    H, W = big.shape[:2]
+    bar = colorbar(H, cmap=cmap, vmin=vmin, vmax=vmax, label=label) if cmap else np.zeros((H, 0, 3), np.uint8)
+    scale = max(0.7, W / 1000)
+    lines = [title, note]
+    line_h = int(34 * scale)
+    head = np.full((line_h * len(lines) + 12, W + bar.shape[1] + 16, 3), 255, np.uint8)
+    for i, (text, size) in enumerate(zip(lines, (scale, scale * 0.7))):
+        _text(head, text, (8, line_h * (i + 1) - 6), size, thick=2 if i == 0 else 1)
+    body = np.full((H + 8, head.shape[1], 3), 255, np.uint8)
+    body[:H, :W] = big
+    body[:H, W + 16 :] = bar
+    return np.concatenate([head, body]), note

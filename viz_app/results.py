@@ -1,12 +1,13 @@
 """What the page shows for one (model, image): computed once per forward pass, then read only.
 
-Everything here is plain numpy/torch; the Streamlit caching that keeps these objects lives in
-viz_app/cache.py.
+The arrays are the report's (viz_app/report.py) for the paper's settings; views that use other
+settings recompute from `forward`, which keeps the attention maps. Plain numpy/torch; the
+Streamlit caching that keeps these objects lives in viz_app/cache.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -14,56 +15,85 @@ import torch
 from model.preprocess import PreparedImage
 from model.weights.load import LoadedModel
 from viz_app import analysis as A
-from viz_app.pipeline import run_forward
+from viz_app import report
+from viz_app.pipeline import Forward, run_forward
 
 
 @dataclass(frozen=True)
 class ImageResult:
-    """One forward pass of one image and the default views computed from it.
+    """One forward pass of one image (batch of 1, on the CPU, read-only by convention) and the
+    report arrays for the default settings."""
 
-    attentions (L, H, T, T) float32 (float16 for large models, see `attn_dtype`), read-only.
-    """
-
-    probs: np.ndarray | None  # (C,)
-    features: np.ndarray  # (F,)
-    attentions: torch.Tensor  # (L, H, T, T), CPU, read-only by convention
-    token_norms: np.ndarray  # (L+1, T)
-    rollout: np.ndarray  # (gh, gw), paper settings
-    mad: np.ndarray  # (L, H) pixels, prefix mass as distance 0
-    mad_renorm: np.ndarray  # (L, H) pixels, renormalized over patches
-    entropy: np.ndarray  # (L, H) nats, mean over queries
+    forward: Forward
+    arrays: dict[str, np.ndarray]
     prepared: PreparedImage
-    extras: dict = field(default_factory=dict)
+
+    @property
+    def attentions(self) -> torch.Tensor:  # (L, H, T, T) float32
+        return self.forward.attentions[0]
+
+    @property
+    def probs(self) -> np.ndarray | None:  # (C,)
+        return self.arrays.get("probabilities")
 
     @property
     def top5(self) -> list[tuple[int, float]]:
-        if self.probs is None:
+        if "top5_classes" not in self.arrays:
             return []
-        idx = np.argsort(-self.probs)[:5]
-        return [(int(i), float(self.probs[i])) for i in idx]
+        return [(int(i), float(p)) for i, p in zip(self.arrays["top5_classes"], self.arrays["top5_probabilities"])]
+
+    @property
+    def rollout(self) -> np.ndarray:  # (gh, gw), the paper's settings
+        return self.arrays["rollout"]
+
+    @property
+    def mad(self) -> np.ndarray:  # (L, H) px, prefix mass as distance 0
+        return self.arrays["mean_attention_distance"]
+
+    @property
+    def mad_renorm(self) -> np.ndarray:  # (L, H) px, renormalized over patches
+        return self.arrays["mean_attention_distance_renormalized"]
+
+    @property
+    def prefix_share(self) -> np.ndarray:  # (L, H) in [0, 1]
+        return self.arrays["prefix_mass_share"]
+
+    @property
+    def entropy(self) -> np.ndarray:  # (L, H) nats
+        return self.arrays["attention_entropy"]
+
+    @property
+    def token_norms(self) -> np.ndarray:  # (L+1, T)
+        return self.arrays["token_norms"]
+
+    def report_arrays(self, lm: LoadedModel, settings: report.Settings, grad: np.ndarray | None = None) -> dict:
+        """The report arrays for other settings, from the kept forward pass (no model run). The
+        gradient rollout needs its own backward pass: pass it in (the app caches it per class)."""
+        no_grad = report.Settings.from_dict({**settings.to_dict(), "grad_rollout": False, "grad_class": None})
+        arrays = report.split(report.analyze_batch(lm, self.forward, no_grad), 0)
+        if settings.grad_rollout and grad is not None:
+            arrays["grad_rollout"] = np.asarray(grad, np.float32)
+            cls = settings.grad_class if settings.grad_class is not None else int(arrays["top5_classes"][0])
+            arrays["grad_class"] = np.array(cls, np.int64)
+        arrays["model_view"] = self.prepared.view
+        return arrays
+
+
+def _cpu(fwd: Forward) -> Forward:
+    move = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
+    return Forward(
+        logits=move(fwd.logits),
+        features=move(fwd.features),
+        attentions=move(fwd.attentions),
+        token_norms=move(fwd.token_norms),
+    )
 
 
 def analyze_image(lm: LoadedModel, prepared: PreparedImage) -> ImageResult:
-    c = lm.config
     x = prepared.pixels[None].to(lm.device, lm.dtype)
-    fwd = run_forward(lm.model, x)
-    attn = fwd.attentions  # (1, L, H, T, T)
-    kw = dict(num_prefix=c.num_prefix_tokens, grid=c.grid)
-    rollout = A.attention_rollout(attn, readout_tokens=c.readout_tokens, **kw)[0]
-    mad = A.mean_attention_distance(attn, patch_size=c.patch_size, **kw)[0]
-    mad_r = A.mean_attention_distance(attn, patch_size=c.patch_size, convention="renormalized", **kw)[0]
-    entropy = A.attention_entropy(attn)[0]
-    return ImageResult(
-        probs=None if fwd.probs is None else fwd.probs[0].cpu().numpy(),
-        features=fwd.features[0].cpu().numpy(),
-        attentions=attn[0].cpu(),
-        token_norms=fwd.token_norms[0].cpu().numpy(),
-        rollout=rollout.cpu().numpy(),
-        mad=mad.cpu().numpy(),
-        mad_renorm=mad_r.cpu().numpy(),
-        entropy=entropy.cpu().numpy(),
-        prepared=prepared,
-    )
+    fwd = _cpu(run_forward(lm.model, x))
+    arrays = report.split(report.analyze_batch(lm, fwd, report.Settings()), 0)
+    return ImageResult(forward=fwd, arrays=arrays, prepared=prepared)
 
 
 def gradient_map(lm: LoadedModel, prepared: PreparedImage, target: int) -> np.ndarray:

@@ -1,0 +1,335 @@
+"""One analysis, one report format: what the app shows, what its Download tab writes and what the
+batch CLI writes, for one image or a batch.
+
+`analyze_batch(lm, fwd, settings)` turns one forward pass of a batch into every per-image array
+of the schema below (batch first); `Report` holds one image's arrays with the metadata that
+produced them, and `Report.npz_bytes()` writes them (the Download tab and the CLI call the same
+function). SCHEMA lists every key with shape, dtype, units and convention; the README and the
+Download tab print it from here.
+
+Shapes: L layers, H heads, T tokens, (gh, gw) the patch grid, C classes, F features, (Hpx, Wpx)
+the model input in pixels. Token order: [class, distillation, registers..., patches row-major].
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import platform
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from model.weights.load import LoadedModel
+from viz_app import analysis as A
+from viz_app.pipeline import Forward
+
+SCHEMA_VERSION = 1
+FUSIONS = ("mean", "max", "min")
+READOUTS = ("auto", "cls", "dist", "mean", "patches")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every choice that changes a number in a report; the defaults are the paper's settings.
+
+    Layers and heads are counted from 1 here and on the page; patch rows and columns from 0.
+    """
+
+    rollout_fusion: str = "mean"  # mean | max | min over heads
+    rollout_discard: float = 0.0  # share of the lowest fused entries zeroed per layer
+    rollout_readout: str = "auto"  # auto | cls | dist | mean | patches
+    rollout_first_layer: int = 1  # 1-based, inclusive
+    rollout_last_layer: int | None = None  # 1-based, inclusive; None = the last layer
+    query_patch: tuple[int, int] | None = None  # (row, col) of a patch query; None = the read-out token
+    drop_prefix: bool = False  # per-head maps renormalized over the patches
+    grad_rollout: bool = False  # also the gradient rollout (one backward pass)
+    grad_class: int | None = None  # its class; None = each image's top-1
+    save_attentions: bool = False  # also every attention map (L, H, T, T)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.rollout_fusion not in FUSIONS:
+            problems.append(f"rollout_fusion must be one of {FUSIONS}")
+        if not 0.0 <= self.rollout_discard < 1.0:
+            problems.append("rollout_discard must be in [0, 1)")
+        if self.rollout_readout not in READOUTS:
+            problems.append(f"rollout_readout must be one of {READOUTS}")
+        if self.rollout_first_layer < 1:
+            problems.append("rollout_first_layer counts from 1")
+        if problems:
+            raise ValueError("; ".join(problems))
+        if self.query_patch is not None:
+            object.__setattr__(self, "query_patch", tuple(int(v) for v in self.query_patch))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["query_patch"] = None if self.query_patch is None else list(self.query_patch)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Settings:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown settings: {sorted(unknown)}")
+        return cls(**d)
+
+    def layer_range(self, depth: int) -> tuple[int, int]:
+        """(first, last), 1-based inclusive, checked against the model's depth."""
+        last = depth if self.rollout_last_layer is None else self.rollout_last_layer
+        if not 1 <= self.rollout_first_layer <= last <= depth:
+            raise ValueError(f"rollout layers {self.rollout_first_layer}-{last} are outside 1-{depth}")
+        return self.rollout_first_layer, last
+
+
+@dataclass(frozen=True)
+class Field:
+    key: str
+    shape: str
+    dtype: str
+    units: str
+    convention: str
+    when: str = "always"
+
+
+SCHEMA: tuple[Field, ...] = (
+    Field("logits", "(C,)", "float32", "logit", "the classifier's output", "models with a classifier"),
+    Field("probabilities", "(C,)", "float32", "probability", "softmax of logits", "models with a classifier"),
+    Field(
+        "top5_classes", "(k,)", "int64", "class index", "k = min(5, C), most probable first", "models with a classifier"
+    ),
+    Field(
+        "top5_probabilities",
+        "(k,)",
+        "float32",
+        "probability",
+        "the probabilities of top5_classes",
+        "models with a classifier",
+    ),
+    Field("features", "(F,)", "float32", "-", "the pooled features the classifier reads (pre-logits)"),
+    Field(
+        "rollout",
+        "(gh, gw)",
+        "float32",
+        "share of read-out attention",
+        "attention rollout with the settings' fusion, discard ratio, read-out and layers; the read-out row of the rolled-out matrix over the patches",
+    ),
+    Field(
+        "grad_rollout",
+        "(gh, gw)",
+        "float32",
+        "relevance (unnormalized)",
+        "gradient rollout (Chefer et al. ICCV 2021) for grad_class",
+        "settings.grad_rollout",
+    ),
+    Field("grad_class", "()", "int64", "class index", "the class of grad_rollout", "settings.grad_rollout"),
+    Field(
+        "readout_attention",
+        "(L, H, gh, gw)",
+        "float32",
+        "attention probability",
+        "each head's read-out row over the patches (prefix columns left out; renormalized over the patches when settings.drop_prefix)",
+    ),
+    Field(
+        "query_attention",
+        "(L, H, gh, gw)",
+        "float32",
+        "attention probability",
+        "each head's row of the query patch settings.query_patch, as readout_attention",
+        "settings.query_patch",
+    ),
+    Field(
+        "mean_attention_distance",
+        "(L, H)",
+        "float32",
+        "pixels of the model input",
+        "mean over patch queries of the attention-weighted distance to patches; mass on prefix tokens counts as distance 0 (the authors' convention)",
+    ),
+    Field(
+        "mean_attention_distance_renormalized",
+        "(L, H)",
+        "float32",
+        "pixels of the model input",
+        "the same with each query's patch attention renormalized to sum 1",
+    ),
+    Field(
+        "prefix_mass_share",
+        "(L, H)",
+        "float32",
+        "share in [0, 1]",
+        "mean over patch queries of the attention mass on prefix tokens; where it is high the two distance conventions disagree",
+    ),
+    Field("attention_entropy", "(L, H)", "float32", "nats", "mean over all queries of each attention row's entropy"),
+    Field(
+        "token_norms",
+        "(L+1, T)",
+        "float32",
+        "L2 norm",
+        "each token's norm after the embedding (row 0) and after each block",
+    ),
+    Field("model_view", "(Hpx, Wpx, 3)", "uint8", "RGB", "the image the model sees, after resize and crop"),
+    Field(
+        "attentions",
+        "(L, H, T, T)",
+        "float32",
+        "attention probability",
+        "every post-softmax map, rows sum to 1",
+        "settings.save_attentions",
+    ),
+    Field(
+        "report_json",
+        "()",
+        "str",
+        "-",
+        "JSON: schema version, settings, display, model, preprocessing, image, device, dtype, versions",
+    ),
+)
+KEYS = tuple(f.key for f in SCHEMA)
+
+
+def schema_markdown() -> str:
+    """The schema as a markdown table (README, Download tab)."""
+    rows = ["| key | shape | dtype | units | what | present |", "|---|---|---|---|---|---|"]
+    rows += [f"| `{f.key}` | {f.shape} | {f.dtype} | {f.units} | {f.convention} | {f.when} |" for f in SCHEMA]
+    return "\n".join(rows)
+
+
+def _distances(attn: Tensor, lm: LoadedModel) -> dict[str, Tensor]:
+    """Both distance conventions and the prefix share, each from its own definition (a shortcut
+    through 1 - share is exact only for rows that sum to 1, which bf16 rows do not quite)."""
+    c = lm.config
+    kw = dict(num_prefix=c.num_prefix_tokens, grid=c.grid, patch_size=c.patch_size)
+    return {
+        "mean_attention_distance": A.mean_attention_distance(attn, **kw),
+        "mean_attention_distance_renormalized": A.mean_attention_distance(attn, convention="renormalized", **kw),
+        "prefix_mass_share": A.prefix_mass_share(attn, c.num_prefix_tokens),
+    }
+
+
+def analyze_batch(lm: LoadedModel, fwd: Forward, settings: Settings) -> dict[str, np.ndarray]:
+    """Every schema array for a batch, batch first, as numpy (report_json excepted).
+
+    fwd: run_forward's output for the batch, with gradients when settings.grad_rollout (the
+    gradient of settings.grad_class, or of each image's top-1)."""
+    c = lm.config
+    attn = fwd.attentions  # (B, L, H, T, T)
+    kw = dict(num_prefix=c.num_prefix_tokens, grid=c.grid, readout_tokens=c.readout_tokens)
+    first, last = settings.layer_range(c.depth)
+    out: dict[str, Tensor] = {
+        "features": fwd.features,
+        "rollout": A.attention_rollout(
+            attn,
+            readout=settings.rollout_readout,
+            head_fusion=settings.rollout_fusion,
+            discard_ratio=settings.rollout_discard,
+            start=first - 1,
+            end=last - 1,
+            **kw,
+        ),
+        "readout_attention": A.attention_maps(attn, drop_prefix=settings.drop_prefix, **kw),
+        **_distances(attn, lm),
+        "attention_entropy": A.attention_entropy(attn),
+        "token_norms": fwd.token_norms,
+    }
+    if fwd.logits is not None:
+        probs = fwd.logits.float().softmax(-1)
+        top = probs.topk(min(5, probs.shape[-1]), dim=-1)
+        out |= {
+            "logits": fwd.logits,
+            "probabilities": probs,
+            "top5_classes": top.indices,
+            "top5_probabilities": top.values,
+        }
+    if settings.query_patch is not None:
+        r, col = settings.query_patch
+        gh, gw = c.grid
+        if not (0 <= r < gh and 0 <= col < gw):
+            raise ValueError(f"query patch ({r}, {col}) is outside the {gh}x{gw} grid")
+        q = c.num_prefix_tokens + r * gw + col
+        out["query_attention"] = A.attention_maps(attn, query=q, drop_prefix=settings.drop_prefix, **kw)
+    if settings.grad_rollout:
+        if fwd.grads is None:
+            raise ValueError("settings.grad_rollout needs a forward pass with gradients")
+        out["grad_rollout"] = A.gradient_rollout(attn, fwd.grads, **kw)
+        out["grad_class"] = fwd.target
+    if settings.save_attentions:
+        out["attentions"] = attn
+    arrays = {}
+    for k, v in out.items():
+        v = v.detach().cpu()
+        arrays[k] = v.numpy().astype(np.int64 if k in ("top5_classes", "grad_class") else np.float32, copy=False)
+    return arrays
+
+
+def versions() -> dict[str, str]:
+    import cv2
+    import PIL
+
+    return {
+        "vit_lens_schema": str(SCHEMA_VERSION),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "opencv": cv2.__version__,
+    }
+
+
+def model_meta(lm: LoadedModel, source: str) -> dict:
+    return {
+        "name": lm.name,
+        "source": source,
+        "family": lm.family,
+        "format": lm.format,
+        "config": lm.config.to_dict(),
+        "preprocessing": lm.preprocessing.to_dict(),
+        "device": str(lm.device),
+        "dtype": str(lm.dtype).removeprefix("torch."),
+    }
+
+
+@dataclass
+class Report:
+    """One image's arrays (schema keys, no batch axis) and what produced them."""
+
+    arrays: dict[str, np.ndarray]
+    settings: Settings
+    model: dict
+    image: dict  # name, sha256 prefix, original size
+    display: dict = field(default_factory=dict)  # colour map, upsampling, opacity, shown layer/head
+
+    def meta(self) -> dict:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "settings": self.settings.to_dict(),
+            "display": self.display,
+            "model": self.model,
+            "image": self.image,
+            "keys": sorted(self.arrays),
+            "versions": versions(),
+        }
+
+    def npz_bytes(self) -> bytes:
+        """The report as an uncompressed .npz (floats barely compress): the arrays and report_json."""
+        unknown = set(self.arrays) - set(KEYS)
+        if unknown:
+            raise ValueError(f"arrays outside the schema: {sorted(unknown)}")
+        buf = io.BytesIO()
+        np.savez(buf, report_json=np.array(json.dumps(self.meta(), indent=2)), **self.arrays)
+        return buf.getvalue()
+
+
+def split(arrays: dict[str, np.ndarray], b: int) -> dict[str, np.ndarray]:
+    """Image b of a batch's arrays, copied (a batch's arrays may be views of a reused block)."""
+    return {k: np.array(v[b], copy=True) for k, v in arrays.items()}
+
+
+def read_report(data: bytes) -> tuple[dict[str, np.ndarray], dict]:
+    """A written report -> (arrays, metadata)."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files if k != "report_json"}
+        meta = json.loads(str(z["report_json"]))
+    return arrays, meta

@@ -1,0 +1,16 @@
+"""The page's tabs, one module each: a tab's controls, state and drawing in one place. Each module
+has `draw(ctx)`; viz_app/page.py lays them out in TABS order."""
+
+from viz_app.tabs import compare, distance, download, embeddings, heads, overview, rollout, sanity
+
+# tab label -> module; short labels so that every tab fits a 1024 px wide window
+TABS = {
+    "Overview": overview,
+    "Heads": heads,
+    "Rollout": rollout,
+    "Embeddings": embeddings,
+    "Distance": distance,
+    "Compare": compare,
+    "Download": download,
+    "Sanity check": sanity,
+}

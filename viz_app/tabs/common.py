@@ -1,0 +1,191 @@
+"""What every tab gets (Ctx: values and callables, no cache keys) and the few drawing helpers they
+share: overlays with their colour bar, the settings the Rollout tab controls, display options."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+import streamlit as st
+
+from model.weights.load import LoadedModel
+from viz_app import analysis as A
+from viz_app import colormaps, render, report
+from viz_app.results import ImageResult
+from viz_app.tabs import state
+
+NO_TOOLBAR = {"displayModeBar": False}  # plotly's toolbar would cover a clickable picture
+
+
+def clicked_points(chart_key: str) -> list:
+    """The points selected on a plotly chart (by its key), or []."""
+    value = st.session_state.get(chart_key)
+    if value is None:
+        return []
+    selection = value.get("selection") if isinstance(value, dict) else getattr(value, "selection", None)
+    if selection is None:
+        return []
+    return selection.get("points", []) if isinstance(selection, dict) else getattr(selection, "points", [])
+
+
+def next_chart(name: str) -> None:
+    """A new key for a clickable chart: its selection starts empty, so clicking the same tile or
+    patch again is a new selection (a chart that keeps its selection ignores a repeated click)."""
+    st.session_state[f"{name}_n"] = st.session_state.get(f"{name}_n", 0) + 1
+
+
+def chart_key(name: str) -> str:
+    return f"{name}_{st.session_state.get(f'{name}_n', 0)}"
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """The model, this image's result, and how to get what is computed on demand."""
+
+    lm: LoadedModel
+    result: ImageResult
+    original: np.ndarray  # the uploaded image, RGB
+    image_name: str  # "photo: chelsea", "scene: 3_star", or an upload's file name
+    image_digest: str
+    source: str  # what loads the model again: demo, a curated key, a path, a hub id, upload:<digest>
+    gradient_map: Callable[[int], np.ndarray]  # class -> gradient rollout (gh, gw)
+    example_mad: Callable[[str], tuple[np.ndarray, int]]  # as_is | renormalized | prefix -> (gallery mean, n)
+    # draws the second-model picker where it is called; -> (model, its result for this image) or None
+    second_model: Callable[[], tuple[LoadedModel, ImageResult | None] | None] = lambda: None
+    scene_mask: np.ndarray | None = None  # the target mask of a demo scene, else None
+    demo_scores: dict | None = None  # the demo model's scores on fresh scenes (assets/demo/scores.json)
+
+    def with_model(self, lm: LoadedModel, result: ImageResult) -> Ctx:
+        """The same image through another model (for side-by-side views)."""
+        return replace(self, lm=lm, result=result)
+
+    @property
+    def kw(self) -> dict:
+        c = self.lm.config
+        return dict(num_prefix=c.num_prefix_tokens, grid=c.grid)
+
+    def label(self, i: int) -> str:
+        return self.lm.labels[i] if self.lm.labels else f"class {i}"
+
+    def patch_name(self, token: int) -> str:
+        """'patch (row, col)' for a patch token, else the prefix token's name."""
+        c = self.lm.config
+        if token < c.num_prefix_tokens:
+            return f"the {c.prefix_names[token]} token"
+        r, col = divmod(token - c.num_prefix_tokens, c.grid[1])
+        return f"patch ({r}, {col})"
+
+
+def rollout_settings(ctx: Ctx) -> report.Settings:
+    """The report settings as the Rollout and Heads tabs have them now (defaults where never set)."""
+    c = ctx.lm.config
+    layers = state.read("ro_layers") or (1, c.depth)
+    first, last = sorted(max(1, min(int(v), c.depth)) for v in layers)
+    readout = state.read("ro_readout")
+    fusion = state.read("ro_fusion")
+    discard = float(state.read("ro_discard"))
+    query = None
+    if state.read("hd_query") == "patch":
+        gh, gw = c.grid
+        query = (min(max(int(state.read("hd_row")), 0), gh - 1), min(max(int(state.read("hd_col")), 0), gw - 1))
+    gclass = state.read("ro_class")
+    return report.Settings(
+        rollout_fusion=fusion if fusion in report.FUSIONS else "mean",
+        rollout_discard=min(max(discard, 0.0), 0.95),
+        rollout_readout=readout if readout in readout_choices(ctx) else readout_choices(ctx)[0],
+        rollout_first_layer=first,
+        rollout_last_layer=last,
+        query_patch=query,
+        drop_prefix=bool(state.read("hd_drop")),
+        grad_rollout=c.num_classes > 0,
+        grad_class=None if gclass is None or not 0 <= int(gclass) < c.num_classes else int(gclass),
+    )
+
+
+def rollout_map(ctx: Ctx, s: report.Settings) -> np.ndarray:
+    """The rollout (gh, gw) with the settings' fusion, discard ratio, read-out and layers."""
+    c = ctx.lm.config
+    first, last = s.layer_range(c.depth)
+    heat = A.attention_rollout(
+        ctx.result.forward.attentions,
+        readout_tokens=c.readout_tokens,
+        readout=s.rollout_readout,
+        head_fusion=s.rollout_fusion,
+        discard_ratio=s.rollout_discard,
+        start=first - 1,
+        end=last - 1,
+        **ctx.kw,
+    )
+    return heat[0].numpy()
+
+
+def readout_choices(ctx: Ctx) -> list[str]:
+    c = ctx.lm.config
+    if not c.class_token:
+        return ["patches"]
+    return ["auto", "cls", "dist", "mean", "patches"] if c.distill_token else ["auto", "cls", "patches"]
+
+
+def display_settings() -> dict:
+    """Upsampling, colour map and opacity of the rollout overlays (set on the Rollout tab)."""
+    cmap = state.read("ro_cmap")
+    method = state.read("ro_up")
+    return {
+        "method": method if method in render.UPSAMPLING else "nearest",
+        "cmap": cmap if cmap in colormaps.SEQUENTIAL else colormaps.DEFAULT_SEQUENTIAL,
+        "alpha": min(max(float(state.read("ro_alpha")), 0.0), 1.0),
+    }
+
+
+def display_options() -> dict:
+    """The display widgets (Rollout tab), side by side."""
+    a, b, c = st.columns(3)
+    method = state.select(
+        "Upsampling",
+        render.UPSAMPLING,
+        "nearest",
+        key="ro_up",
+        container=a,
+        help="nearest: one flat block per patch (honest); bilinear: smooth; paper: the map as a blurred alpha mask",
+    )
+    cmap = state.select(
+        "Colour map",
+        colormaps.SEQUENTIAL,
+        colormaps.DEFAULT_SEQUENTIAL,
+        key="ro_cmap",
+        container=b,
+        help="sequential maps: 0 is the darkest colour",
+    )
+    with c:
+        alpha = state.slider("Opacity", 0.0, 1.0, 0.55, key="ro_alpha", step=0.05)
+    return dict(method=method, cmap=cmap, alpha=alpha)
+
+
+def overlay(ctx: Ctx, heat: np.ndarray, opts: dict, *, on_original: bool = False) -> np.ndarray:
+    """The map over the model's view (or the original upload), 0 to the map's maximum."""
+    kw = dict(method=opts["method"], alpha=opts["alpha"], cmap=opts["cmap"], patch_size=ctx.lm.config.patch_size)
+    kw |= dict(vmin=0.0, vmax=max(float(np.max(heat)), 1e-12))
+    if on_original:
+        return render.overlay_on_original(ctx.original, ctx.result.prepared, heat, **kw)
+    return render.overlay(ctx.result.prepared.view, heat, **kw)
+
+
+def with_colorbar(image: np.ndarray, heat: np.ndarray, opts: dict, label: str) -> np.ndarray:
+    """An overlay and its colour bar side by side, as one picture (same height)."""
+    if opts["method"] == "paper":  # an alpha mask over black: the bar shows the mask's scale
+        bar = render.colorbar(image.shape[0], cmap="inferno", vmin=0.0, vmax=1.0, label="mask (share of max)")
+    else:
+        vmax = max(float(np.max(heat)), 1e-12)
+        bar = render.colorbar(image.shape[0], cmap=opts["cmap"], vmin=0.0, vmax=vmax, label=label)
+    return np.concatenate([image, bar], axis=1)
+
+
+def show_map(ctx: Ctx, heat: np.ndarray, opts: dict, *, label: str, caption: str, on_original: bool = False):
+    """Draw an overlay at a common display size with its colour bar and a caption saying what
+    it is, how it was upsampled and what 0 looks like."""
+    img = overlay(ctx, heat, opts, on_original=on_original)
+    scale = max(1, int(np.ceil(448 / max(img.shape[:2]))))  # nearest enlargement keeps the bar sharp
+    if scale > 1:
+        img = np.repeat(np.repeat(img, scale, axis=0), scale, axis=1)
+    st.image(with_colorbar(img, heat, opts, label), caption=caption, width="stretch")

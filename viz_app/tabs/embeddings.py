@@ -1,0 +1,106 @@
+"""Embeddings: position-embedding similarity (paper Fig. 7 centre), patch-embedding filters
+(Fig. 7 left) and token norms with high-norm outliers."""
+
+from __future__ import annotations
+
+import streamlit as st
+import torch
+
+from viz_app import analysis as A
+from viz_app import colormaps, figures, render
+from viz_app.tabs import state
+from viz_app.tabs.common import NO_TOOLBAR, Ctx, chart_key, clicked_points, next_chart
+
+
+def on_tile_click() -> None:
+    """Callback of the similarity tiles: the clicked tile's patch is shown large."""
+    points = clicked_points(chart_key("pe_tiles"))
+    next_chart("pe_tiles")
+    if points and "customdata" in points[0]:
+        row, col = (int(v) for v in points[0]["customdata"][:2])
+        st.session_state.update(pe_row=row, pe_col=col)
+
+
+def draw(ctx: Ctx) -> None:
+    c = ctx.lm.config
+    gh, gw = c.grid
+    pos = ctx.lm.model.pos_embed.detach().float().cpu()[0, c.pos_embed_prefix :]
+    sim = A.position_similarity(pos)
+    tiles = A.similarity_tiles(sim, c.grid).numpy()
+    st.markdown(
+        "**Position-embedding similarity** (paper Fig. 7, centre): tile (r, c) shows the cosine similarity of "
+        "patch (r, c)'s position embedding to every patch's; one scale from -1 (blue) through 0 (white) to 1 (red)."
+    )
+    left, right = st.columns([1.3, 1])
+    with right:
+        a, b = st.columns(2)
+        pr = state.number("Patch row", 0, gh - 1, gh // 2, key="pe_row", container=a)
+        pc = state.number("Patch column", 0, gw - 1, gw // 2, key="pe_col", container=b)
+        st.plotly_chart(
+            figures.patch_heatmap(
+                tiles[pr, pc],
+                num_prefix=c.num_prefix_tokens,
+                zmin=-1,
+                zmax=1,
+                colorscale=colormaps.DEFAULT_DIVERGING,
+                title=f"Similarity to patch ({pr}, {pc})",
+                colorbar_title="cosine",
+                marked=(pr, pc),
+                height=420,
+            ),
+            key="pe_big",
+        )
+        st.caption(f"Neighbour contrast (4-neighbours minus 4+ apart): {A.neighbour_contrast(sim, c.grid):.3f}")
+    with left:
+        st.plotly_chart(
+            figures.tile_figure(
+                tiles,
+                row_name="patch row",
+                col_name="patch column",
+                row_labels=[str(i) for i in range(gh)],
+                col_labels=[str(j) for j in range(gw)],
+                colorbar_title="cosine",
+                zmin=-1,
+                zmax=1,
+                colorscale=colormaps.DEFAULT_DIVERGING,
+                selected=(pr, pc),
+                height=560,
+            ),
+            key=chart_key("pe_tiles"),
+            on_select=on_tile_click,
+            selection_mode="points",
+            config=NO_TOOLBAR,
+        )
+        st.caption("Click a tile to show it large.")
+    if c.linear_patch_embed:
+        patch_filters(ctx)
+    else:
+        st.markdown("**Patch-embedding filters** (paper Fig. 7, left)")
+        st.info(
+            f"Not available for this model: it embeds patches with a convolutional stem ({len(c.conv_stem)} "
+            "stride-2 conv layers before the projection), so there is no linear filter per patch whose principal "
+            "components could be shown in pixel space."
+        )
+    st.markdown("**Token norms per layer**, with high-norm outlier patch tokens (over 2x the layer's median) marked")
+    norms = ctx.result.token_norms
+    outl = A.token_norm_outliers(torch.from_numpy(norms), num_prefix=c.num_prefix_tokens).numpy()
+    st.plotly_chart(
+        figures.token_norm_map(norms, outl, num_prefix=c.num_prefix_tokens, prefix_names=c.prefix_names), key="pe_norms"
+    )
+
+
+def patch_filters(ctx: Ctx) -> None:
+    c = ctx.lm.config
+    st.markdown(
+        "**Patch-embedding filters** (paper Fig. 7, left): principal components of the linear patch "
+        "embedding, centred first, each with its own symmetric contrast (grey = 0), sign fixed."
+    )
+    pca = A.filter_pca(ctx.lm.model.patch_embed.proj.weight.detach().float().cpu())
+    st.image(render.filter_tiles(pca.components.numpy(), cols=7, scale=max(2, 48 // c.patch_size)))
+    ev = pca.explained_variance_ratio.numpy()
+    pre = ctx.lm.preprocessing
+    st.caption(
+        f"Explained variance of the first {len(ev)}: {ev.sum():.1%} (first three: "
+        + ", ".join(f"{v:.1%}" for v in ev[:3])
+        + f"). The filters act on normalized pixels: mean {pre.mean}, std {pre.std}."
+    )

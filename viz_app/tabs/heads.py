@@ -1,0 +1,155 @@
+"""Heads: every layer x head map for one query (the read-out token or a clicked patch), one head
+large, the reverse view, and per-head distance, prefix share and entropy.
+
+Layers and heads are counted from 1 on this tab; patch rows and columns from 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from viz_app import analysis as A
+from viz_app import figures, render
+from viz_app.tabs import state
+from viz_app.tabs.common import NO_TOOLBAR, Ctx, chart_key, clicked_points, next_chart
+
+
+def on_patch_click(patch_size: int, grid: tuple[int, int]) -> None:
+    """Callback of the patch picker: the clicked patch becomes the query."""
+    points = clicked_points(chart_key("hd_click"))
+    next_chart("hd_click")
+    if not points:
+        return
+    try:
+        row, col, _ = render.patch_at(
+            float(points[0]["x"]), float(points[0]["y"]), patch_size=patch_size, grid=grid, num_prefix=0
+        )
+    except ValueError:
+        return  # a click on the margin
+    st.session_state.update(hd_row=row, hd_col=col, hd_query="patch")
+
+
+def on_tile_click() -> None:
+    """Callback of the layer x head grid: the clicked tile becomes the large map."""
+    points = clicked_points(chart_key("hd_grid"))
+    next_chart("hd_grid")
+    if points and "customdata" in points[0]:
+        layer, head = (int(v) for v in points[0]["customdata"][:2])
+        st.session_state.update(hd_layer=layer + 1, hd_head=head + 1)
+
+
+def query_selector(ctx: Ctx) -> int | None:
+    """Read-out token (default) or a patch, chosen by clicking the picture or by row/column."""
+    c = ctx.lm.config
+    gh, gw = c.grid
+    mode = state.radio(
+        "Query", ["read-out token", "patch"], "read-out token", key="hd_query", horizontal=True, help="Whose attention"
+    )
+    a, b = st.columns(2)
+    row = state.number("Patch row", 0, gh - 1, 0, key="hd_row", container=a)
+    col = state.number("Patch column", 0, gw - 1, 0, key="hd_col", container=b)
+    st.plotly_chart(
+        figures.clickable_view(
+            ctx.result.prepared.view,
+            c.patch_size,
+            num_prefix=c.num_prefix_tokens,
+            selected=(row, col) if mode == "patch" else None,
+        ),
+        key=chart_key("hd_click"),
+        on_select=lambda: on_patch_click(c.patch_size, c.grid),
+        selection_mode="points",
+        config=NO_TOOLBAR,
+    )
+    st.caption("Click a patch to make it the query.")
+    if mode == "read-out token":
+        return None
+    return c.num_prefix_tokens + row * gw + col
+
+
+def draw(ctx: Ctx) -> None:
+    c = ctx.lm.config
+    r = ctx.result
+    left, right = st.columns([1, 1.3])
+    with left:
+        query = query_selector(ctx)
+        drop = state.toggle("Drop prefix tokens and renormalize", False, key="hd_drop")
+    marked = None
+    if query is None:
+        who = "the read-out token" if c.readout_tokens else "the mean of the patch tokens"
+    else:
+        who = ctx.patch_name(query)
+        marked = divmod(query - c.num_prefix_tokens, c.grid[1])
+    maps = A.attention_maps(r.attentions, query=query, readout_tokens=c.readout_tokens, drop_prefix=drop, **ctx.kw)
+    maps = maps.numpy()  # (L, H, gh, gw)
+    with right:
+        a, b = st.columns([2, 1])
+        with a:
+            layer = state.slider("Layer", 1, c.depth, c.depth, key="hd_layer")
+        head = state.select("Head", list(range(1, c.num_heads + 1)), 1, key="hd_head", container=b)
+        st.plotly_chart(
+            figures.patch_heatmap(
+                maps[layer - 1, head - 1],
+                num_prefix=c.num_prefix_tokens,
+                zmin=0,
+                title=f"Layer {layer}, head {head}: attention of {who}",
+                colorbar_title="attention",
+                marked=marked,
+            ),
+            key="hd_big",
+        )
+        st.caption("0 is the darkest colour." + (" Cyan: the query patch." if marked else ""))
+    scale = state.radio(
+        "Grid colour scale",
+        ["per map", "shared"],
+        "per map",
+        horizontal=True,
+        key="hd_scale",
+        help="per map: each tile from 0 to its own maximum; shared: all tiles from 0 to the largest value",
+    )
+    top = maps.max(axis=(2, 3), keepdims=True) if scale == "per map" else maps.max(keepdims=True)
+    tiles = maps / np.maximum(top, 1e-12)
+    st.plotly_chart(
+        figures.tile_figure(
+            tiles,
+            row_name="layer",
+            col_name="head",
+            colorbar_title="share of max" if scale == "per map" else f"x {float(maps.max()):.3g}",
+            title=f"Every layer and head: attention of {who} (click a tile to show it large)",
+            selected=(layer - 1, head - 1),
+        ),
+        key=chart_key("hd_grid"),
+        on_select=on_tile_click,
+        selection_mode="points",
+        config=NO_TOOLBAR,
+    )
+    a, b = st.columns(2)
+    with a:
+        if query is not None and query >= c.num_prefix_tokens:
+            patch = query - c.num_prefix_tokens
+            rev = A.attention_to_patch(r.attentions[layer - 1, head - 1], patch=patch, **ctx.kw).numpy()
+            st.plotly_chart(
+                figures.patch_heatmap(
+                    rev,
+                    num_prefix=c.num_prefix_tokens,
+                    zmin=0,
+                    title=f"Who attends to {ctx.patch_name(query)} (layer {layer}, head {head})",
+                    colorbar_title="attention",
+                    marked=marked,
+                ),
+                key="hd_rev",
+            )
+        else:
+            st.info("Pick a patch as the query to see the reverse view: which patches attend to it.")
+    with b:
+        st.plotly_chart(figures.layer_head_matrix(r.mad, title="Mean attention distance", unit="px"), key="hd_mad")
+        st.plotly_chart(
+            figures.layer_head_matrix(
+                r.prefix_share, title="Share of attention on prefix tokens", unit="share", zmin=0, zmax=1
+            ),
+            key="hd_prefix",
+        )
+        st.plotly_chart(
+            figures.layer_head_matrix(r.entropy, title="Attention entropy (mean over queries)", unit="nats", zmin=0),
+            key="hd_ent",
+        )

@@ -1,0 +1,138 @@
+"""Settings that survive: every control of the page keeps its value across tab changes, reruns and
+model changes (where the value is still valid), and is mirrored in the URL's query string, so a
+copied link reopens the same view.
+
+Streamlit forgets a widget's value when the widget is not drawn (a closed tab); each widget here is
+created with `persist_state="session"` (kept while not drawn) and `bind="query-params"` (the widget
+key is the query parameter). Values read by views that are not open (the Download tab writes the
+Rollout tab's settings) come from `read`, which looks in the session, then the URL, then the
+default. Before a widget is drawn, a kept value that no longer fits (layer 12 of a 6-layer model)
+is clamped or replaced by the default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import streamlit as st
+
+KEEP = dict(bind="query-params", persist_state="session")
+
+# Defaults of the values that more than one tab reads; a key's default where it is drawn
+# is the same.
+DEFAULTS: dict[str, Any] = {
+    "ro_fusion": "mean",
+    "ro_discard": 0.0,
+    "ro_readout": "auto",
+    "ro_layers": None,  # (first, last), 1-based; None = all layers
+    "ro_class": None,  # class of the gradient rollout; None = top-1
+    "ro_up": "nearest",
+    "ro_cmap": "inferno",
+    "ro_alpha": 0.55,
+    "hd_query": "read-out token",
+    "hd_row": 0,
+    "hd_col": 0,
+    "hd_layer": None,  # 1-based; None = the last layer
+    "hd_head": 1,  # 1-based
+    "hd_drop": False,
+    "md_conv": "as_is",
+}
+
+
+def _parse(raw: str, like: Any) -> Any:
+    if isinstance(like, bool):
+        return raw.lower() in ("true", "1")
+    if isinstance(like, int):
+        return int(raw)
+    if isinstance(like, float):
+        return float(raw)
+    return raw
+
+
+def read(key: str, default: Any = None, *, kind: type | None = None) -> Any:
+    """A control's value wherever the page is: the session, then the URL, then the default."""
+    ss = st.session_state
+    if key in ss:
+        return ss[key]
+    default = DEFAULTS.get(key) if default is None else default
+    qp = st.query_params
+    if key in qp:
+        try:
+            values = qp.get_all(key)
+            like = default if kind is None else kind()
+            if isinstance(like, tuple) or (default is None and len(values) == 2):
+                return tuple(int(v) for v in values)
+            return _parse(values[0], like)
+        except (TypeError, ValueError):
+            return default
+    return default
+
+
+def _fit(key: str, ok: Callable[[Any], bool], fix: Callable[[Any], Any]) -> bool:
+    """True when the session holds a value for key (made to fit first)."""
+    ss = st.session_state
+    if key not in ss:
+        return False
+    if not ok(ss[key]):
+        ss[key] = fix(ss[key])
+    return True
+
+
+def _clamp(v, lo, hi):
+    return min(max(v, lo), hi)
+
+
+def slider(label: str, lo, hi, default, *, key: str, **kw):
+    def ok(v):
+        return isinstance(v, int | float) and lo <= v <= hi
+
+    if _fit(key, ok, lambda v: _clamp(v, lo, hi) if isinstance(v, int | float) else default):
+        return st.slider(label, lo, hi, key=key, **KEEP, **kw)
+    return st.slider(label, lo, hi, default, key=key, **KEEP, **kw)
+
+
+def range_slider(label: str, lo: int, hi: int, default: tuple[int, int], *, key: str, **kw) -> tuple[int, int]:
+    def ok(v):
+        return isinstance(v, tuple | list) and len(v) == 2 and lo <= v[0] <= v[1] <= hi
+
+    def fix(v):
+        try:
+            a, b = sorted(_clamp(int(x), lo, hi) for x in v)
+            return (a, b)
+        except (TypeError, ValueError):
+            return default
+
+    if _fit(key, ok, fix):
+        return tuple(st.slider(label, lo, hi, key=key, **KEEP, **kw))
+    return tuple(st.slider(label, lo, hi, default, key=key, **KEEP, **kw))
+
+
+def number(label: str, lo: int, hi: int, default: int, *, key: str, container=None, **kw) -> int:
+    box = container or st
+    if _fit(key, lambda v: isinstance(v, int) and lo <= v <= hi, lambda v: _clamp(int(v), lo, hi)):
+        return box.number_input(label, lo, hi, key=key, **KEEP, **kw)
+    return box.number_input(label, lo, hi, _clamp(default, lo, hi), key=key, **KEEP, **kw)
+
+
+def _choice(widget, label: str, options: Sequence, default, key: str, **kw):
+    options = list(options)
+    default = default if default in options else options[0]
+    if _fit(key, lambda v: v in options, lambda v: default):
+        return widget(label, options, key=key, **KEEP, **kw)
+    return widget(label, options, index=options.index(default), key=key, **KEEP, **kw)
+
+
+def select(label: str, options: Sequence, default, *, key: str, container=None, **kw):
+    return _choice((container or st).selectbox, label, options, default, key, **kw)
+
+
+def radio(label: str, options: Sequence, default, *, key: str, container=None, **kw):
+    return _choice((container or st).radio, label, options, default, key, **kw)
+
+
+def toggle(label: str, default: bool, *, key: str, container=None, **kw) -> bool:
+    box = container or st
+    if _fit(key, lambda v: isinstance(v, bool), lambda v: default):
+        return box.toggle(label, key=key, **KEEP, **kw)
+    return box.toggle(label, default, key=key, **KEEP, **kw)
