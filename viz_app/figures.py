@@ -318,10 +318,11 @@ def tile_figure(
         y0, x0 = r * (h + gap) - 0.5, c * (w + gap) - 0.5
         shapes.append(dict(type="rect", x0=x0, x1=x0 + w, y0=y0, y1=y0 + h, line=dict(color="cyan", width=2)))
     fig.update_layout(
-        title=title,
+        title=dict(text=title, font=dict(size=14)),
         shapes=shapes,
-        height=height or max(260, min(700, 40 + 22 * R * max(1, h // 8))),
-        margin=dict(l=10, r=10, t=40 if title else 10, b=10),
+        # about 40-110 px per tile row, whatever the tile's own size
+        height=height or int(110 + R * min(110, max(40, 700 / R))),
+        margin=dict(l=10, r=10, t=90 if title else 50, b=10),
         clickmode="event+select",
         dragmode=False,
     )

@@ -129,7 +129,7 @@ def draw_patch_grid(
         cv2.rectangle(img, (c * ps, r * ps), ((c + 1) * ps - 1, (r + 1) * ps - 1), (0, 255, 255), max(2, k))
     if not labels:
         return img
-    fs = max(0.45, max(H, W) * k / 1100)
+    fs = max(0.5, max(H, W) * k / 850)
     (tw, th), _ = cv2.getTextSize(str(max(gh, gw) - 1), FONT, fs, 1)
     margin = tw + 10
     canvas = np.full((H * k + margin, W * k + margin, 3), 255, np.uint8)
@@ -293,10 +293,10 @@ def colorbar(
 ) -> np.ndarray:
     """A vertical colour bar (RGB, white background) `height` px tall: the colour map from vmin
     (bottom) to vmax (top), `ticks` labelled values, and the quantity's name along the bar."""
-    scale = max(0.4, height / 900)
-    bar_w = max(12, height // 25)
-    tick_w = max(cv2.getTextSize(_fmt(v), FONT, scale, 1)[0][0] for v in np.linspace(vmin, vmax, ticks))
-    width = width or bar_w + tick_w + int(40 * scale) + 16
+    scale = max(0.5, height / 520)  # text stays legible when the picture is shown at column width
+    bar_w = max(12, height // 22)
+    # a fixed width for a given height, so that maps shown side by side keep the same size
+    width = width or bar_w + cv2.getTextSize("-0.000e+00", FONT, scale, 1)[0][0] + int(40 * scale) + 16
     pad = max(8, height // 40)
     out = np.full((height, width, 3), 255, np.uint8)
     inner = height - 2 * pad

@@ -115,10 +115,19 @@ def number(label: str, lo: int, hi: int, default: int, *, key: str, container=No
     return box.number_input(label, lo, hi, _clamp(default, lo, hi), key=key, **KEEP, **kw)
 
 
+def _nearest(v, options: list, default):
+    """A kept number that is no longer an option becomes the nearest option (head 3 of a 2-head
+    model becomes head 2); anything else the default."""
+    numbers = [o for o in options if isinstance(o, int | float) and not isinstance(o, bool)]
+    if isinstance(v, int | float) and not isinstance(v, bool) and numbers:
+        return min(numbers, key=lambda o: abs(o - v))
+    return default
+
+
 def _choice(widget, label: str, options: Sequence, default, key: str, **kw):
     options = list(options)
     default = default if default in options else options[0]
-    if _fit(key, lambda v: v in options, lambda v: default):
+    if _fit(key, lambda v: v in options, lambda v: _nearest(v, options, default)):
         return widget(label, options, key=key, **KEEP, **kw)
     return widget(label, options, index=options.index(default), key=key, **KEEP, **kw)
 
