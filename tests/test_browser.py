@@ -176,7 +176,7 @@ def test_click_patch_changes_head_map(page):
     wait_idle(page)
     after = page.locator(".js-plotly-plot").nth(1).screenshot()
     assert before != after
-    assert page.get_by_text("attention of token").count() >= 1
+    assert page.get_by_text("attention of patch (").count() >= 1
     page.screenshot(path=str(ARTIFACTS / "heads.png"), full_page=False)
 
 
@@ -230,7 +230,7 @@ def test_gallery_scene_screenshots(page):
     view.click(position={"x": b["width"] * 0.5, "y": b["height"] * 0.5})
     wait_idle(page)
     page.screenshot(path=str(ARTIFACTS / "readme_heads.png"))
-    assert page.get_by_text("attention of token").count() >= 1
+    assert page.get_by_text("attention of patch (").count() >= 1
 
 
 def test_eight_sessions_at_once_each_see_their_own_results(browser, server):
@@ -270,11 +270,11 @@ def test_eight_sessions_at_once_each_see_their_own_results(browser, server):
         for i, pg in enumerate(pages):  # ... and another head
             wait_idle(pg, 240)
             pg.locator("[data-testid='stSelectbox']").filter(has_text="Head").last.click()
-            pg.keyboard.type(str(5 - i % 6))
+            pg.keyboard.type(str(6 - i % 6))
             pg.keyboard.press("Enter")
         for i, pg in enumerate(pages):
             wait_idle(pg, 240)
-            assert pg.get_by_text(f"Layer {1 + i % 6}, head {5 - i % 6}:").count() == 1, i
+            assert pg.get_by_text(f"Layer {1 + i % 6}, head {6 - i % 6}:").count() == 1, i
         for pg in pages:
             wait_idle(pg, 240)
             pg.get_by_role("tab", name="Download").click()
@@ -282,13 +282,13 @@ def test_eight_sessions_at_once_each_see_their_own_results(browser, server):
         for pg in pages:
             wait_idle(pg, 240)
             with pg.expect_download() as d:
-                pg.get_by_role("button", name="Analysis (NPZ)").click()
+                pg.get_by_role("button", name="Report (NPZ)").click()
             downloads.append(np.load(d.value.path()))
         lm = load_checkpoint("demo")
         for i, npz in enumerate(downloads):
             alone = analyze_image(lm, prepare_image(load_image(images[i], name=f"user{i}.png"), lm.preprocessing))
-            settings = json.loads(str(npz["settings_json"]))
-            assert settings["model"]["source"] == "demo", i
+            meta = json.loads(str(npz["report_json"]))
+            assert meta["model"]["source"] == "demo" and meta["image"]["name"] == f"user{i}.png", i
             np.testing.assert_allclose(npz["attentions"], alone.attentions.numpy(), atol=1e-5, err_msg=f"session {i}")
             np.testing.assert_allclose(npz["rollout"], alone.rollout, atol=1e-5, err_msg=f"session {i}")
             np.testing.assert_allclose(npz["probabilities"], alone.probs, atol=1e-5, err_msg=f"session {i}")
@@ -299,3 +299,104 @@ def test_eight_sessions_at_once_each_see_their_own_results(browser, server):
             c.close()
     with urllib.request.urlopen(server + "/_stcore/health", timeout=5) as r:
         assert r.read() == b"ok"
+
+
+def open_tab(pg, name: str) -> None:
+    pg.get_by_role("tab", name=name).click()
+    wait_idle(pg)
+
+
+def set_slider(pg, label: str, steps_from_start: int) -> None:
+    """Keyboard: Home, then ArrowRight `steps_from_start` times, on the slider with this label."""
+    slider = pg.locator("[data-testid='stSlider']").filter(has_text=label).first
+    slider.get_by_role("slider").first.focus()
+    pg.keyboard.press("Home")
+    for _ in range(steps_from_start):
+        pg.keyboard.press("ArrowRight")
+    wait_idle(pg)
+
+
+def big_map_title(pg, timeout_s: float = 30) -> str:
+    """The title of the Heads tab's large map, once plotly has drawn it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        title = _big_map_title(pg)
+        if title or time.monotonic() > deadline:
+            return title
+        time.sleep(0.2)
+
+
+def _big_map_title(pg) -> str:
+    return pg.evaluate(
+        """() => [...document.querySelectorAll('.js-plotly-plot')]
+            .map(g => g.layout && g.layout.title && String(g.layout.title.text || g.layout.title))
+            .map(t => (t || '').replace(/<[^>]+>/g, ''))  // Streamlit wraps titles in <b>
+            .find(t => t.startsWith('Layer ')) || ''"""
+    )
+
+
+def test_settings_survive_tabs_and_a_copied_url(browser, server):
+    ctx = browser.new_context(viewport={"width": 1400, "height": 900})
+    pg = ctx.new_page()
+    pg.set_default_timeout(120_000)
+    pg.goto(server)
+    wait_idle(pg)
+    open_tab(pg, "Heads")
+    set_slider(pg, "Layer", 2)  # layer 3
+    pg.locator("[data-testid='stSelectbox']").filter(has_text="Head").last.click()
+    pg.keyboard.type("4")
+    pg.keyboard.press("Enter")
+    wait_idle(pg)
+    view = pg.locator(".js-plotly-plot").first  # the patch picker: click patch (row 2, col 5) of 12x12
+    box = view.bounding_box()
+    view.click(position={"x": box["width"] * 5.5 / 12, "y": box["height"] * 2.5 / 12})
+    wait_idle(pg)
+    want = big_map_title(pg)
+    assert want.startswith("Layer 3, head 4: attention of patch ("), want
+    open_tab(pg, "Rollout")
+    set_slider(pg, "Discard ratio", 18)  # 0.90
+    for name in ("Overview", "Embeddings", "Distance", "Compare", "Download", "Sanity check", "Heads"):
+        open_tab(pg, name)
+    assert big_map_title(pg) == want
+    open_tab(pg, "Rollout")
+    assert pg.locator("[data-testid='stSlider']").filter(has_text="Discard ratio").first.inner_text().count("0.90") >= 1
+    open_tab(pg, "Heads")
+    url = pg.url
+    assert "hd_layer=3" in url and "ro_discard=0.9" in url and "tab=Heads" in url, url
+    fresh = browser.new_context(viewport={"width": 1024, "height": 768})
+    other = fresh.new_page()
+    other.set_default_timeout(120_000)
+    other.goto(url)
+    wait_idle(other)
+    assert big_map_title(other) == want
+    open_tab(other, "Rollout")
+    assert other.locator("[data-testid='stSlider']").filter(has_text="Discard ratio").first.inner_text().count("0.90")
+    other.screenshot(path=str(ARTIFACTS / "rollout_1024.png"))
+    fresh.close()
+    ctx.close()
+
+
+def test_zero_attention_is_drawn_in_the_scales_minimum_colour(page):
+    """Read the page's pixels: the cell of the Heads map with the least attention has the first
+    colour of the map's scale (and not a colour the theme swapped in)."""
+    from viz_app import colormaps
+
+    open_tab(page, "Heads")
+    where = page.evaluate(
+        """() => {
+          const gd = [...document.querySelectorAll('.js-plotly-plot')].find(g => g.layout && g.layout.title &&
+              String(g.layout.title.text || g.layout.title).replace(/<[^>]+>/g, '').startsWith('Layer '));
+          const z = gd._fullData[0].z, fl = gd._fullLayout;
+          let best = [0, 0];
+          for (let r = 0; r < z.length; r++) for (let c = 0; c < z[r].length; c++)
+            if (z[r][c] < z[best[0]][best[1]]) best = [r, c];
+          const rect = gd.getBoundingClientRect();
+          return {x: rect.left + fl._size.l + fl.xaxis.d2p(best[1]), y: rect.top + fl._size.t + fl.yaxis.d2p(best[0]),
+                  value: z[best[0]][best[1]], zmin: gd._fullData[0].zmin};
+        }"""
+    )
+    assert where["zmin"] == 0 and where["value"] < 1e-3
+    shot = np.asarray(Image.open(io.BytesIO(page.screenshot())).convert("RGB"))
+    pixel = shot[int(round(where["y"])), int(round(where["x"]))].astype(int)
+    want = colormaps.get("inferno").lut[0].astype(int)
+    assert np.abs(pixel - want).max() <= 3, (pixel, want)

@@ -185,8 +185,9 @@ def test_conv_stem_checkpoint_at_the_demo_sizes_loads(tmp_path, with_config):
     """96 px, patch 8, three stride-2 layers: the projection kernel is 1, the grid 12 x 12."""
     from safetensors.torch import save_file
 
-    c = ViTConfig(image_size=96, patch_size=8, embed_dim=24, depth=1, num_heads=2, mlp_dim=48, num_classes=8,
-                  conv_stem=(4, 8, 12))  # fmt: skip
+    c = ViTConfig(
+        image_size=96, patch_size=8, embed_dim=24, depth=1, num_heads=2, mlp_dim=48, num_classes=8, conv_stem=(4, 8, 12)
+    )
     m = VisionTransformer(c)
     m.init_weights(seed=2)
     m.eval()

@@ -19,7 +19,7 @@ from model.preprocess import ImageError
 from model.resources import DEMO_DIR, SCENES_DIR
 from model.weights.load import LoadedModel
 from viz_app import cache, pipeline, sidebar
-from viz_app.tabs import TABS
+from viz_app.tabs import TABS, state
 from viz_app.tabs.common import Ctx
 
 MODEL_PARAM = "model"
@@ -50,6 +50,7 @@ def init_state() -> None:
     }
     for key, value in defaults.items():
         ss.setdefault(key, value)
+    state.from_url()
     if ss["linked_source"] and not sidebar.needs_download(ss["linked_source"]):
         ss["model_source"], ss["linked_source"] = ss["linked_source"], None
     sidebar.show_source("main", ss["model_source"])
@@ -249,3 +250,4 @@ def main() -> None:
         if tab.open:
             with tab:
                 module.draw(ctx)
+    state.to_url()

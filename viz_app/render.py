@@ -297,7 +297,7 @@ def colorbar(
     bar_w = max(12, height // 22)
     # a fixed width for a given height, so that maps shown side by side keep the same size
     width = width or bar_w + cv2.getTextSize("-0.000e+00", FONT, scale, 1)[0][0] + int(40 * scale) + 16
-    pad = max(8, height // 40)
+    pad = int(14 * scale) + 4  # room for the top and bottom tick labels
     out = np.full((height, width, 3), 255, np.uint8)
     inner = height - 2 * pad
     ramp = np.linspace(1.0, 0.0, inner)[:, None].repeat(bar_w, axis=1)  # top = vmax

@@ -3,11 +3,13 @@ model changes (where the value is still valid), and is mirrored in the URL's que
 copied link reopens the same view.
 
 Streamlit forgets a widget's value when the widget is not drawn (a closed tab); each widget here is
-created with `persist_state="session"` (kept while not drawn) and `bind="query-params"` (the widget
-key is the query parameter). Values read by views that are not open (the Download tab writes the
-Rollout tab's settings) come from `read`, which looks in the session, then the URL, then the
-default. Before a widget is drawn, a kept value that no longer fits (layer 12 of a 6-layer model)
-is clamped or replaced by the default.
+created with `persist_state="session"` (kept while not drawn). The URL is written by this module,
+not by Streamlit's widget binding, which drops a parameter while its widget is not drawn:
+`from_url` copies the URL's values into the session on a session's first run (before any widget
+exists), `to_url` writes every kept value back at the end of each run. Values read by views that are
+not open (the Download tab writes the Rollout tab's settings) come from `read`: the session, then
+the default. Before a widget is drawn, a kept value that no longer fits (layer 12 of a 6-layer
+model) is clamped, or replaced by the default.
 """
 
 from __future__ import annotations
@@ -17,7 +19,36 @@ from typing import Any
 
 import streamlit as st
 
-KEEP = dict(bind="query-params", persist_state="session")
+KEEP = dict(persist_state="session")
+
+# Every kept control: widget key (= URL parameter) -> the type of its value.
+KEPT: dict[str, type] = {
+    "device": str,
+    "dtype": str,
+    "img_kind": str,
+    "img": str,
+    "ov_original": bool,
+    "hd_query": str,
+    "hd_row": int,
+    "hd_col": int,
+    "hd_layer": int,
+    "hd_head": int,
+    "hd_drop": bool,
+    "hd_scale": str,
+    "ro_fusion": str,
+    "ro_discard": float,
+    "ro_readout": str,
+    "ro_layers": tuple,
+    "ro_class": int,
+    "ro_up": str,
+    "ro_cmap": str,
+    "ro_alpha": float,
+    "pe_row": int,
+    "pe_col": int,
+    "cmp_method": str,
+    "cmp_grid": str,
+    "dl_attentions": bool,
+}
 
 # Defaults of the values that more than one tab reads; a key's default where it is drawn
 # is the same.
@@ -40,33 +71,50 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def _parse(raw: str, like: Any) -> Any:
-    if isinstance(like, bool):
-        return raw.lower() in ("true", "1")
-    if isinstance(like, int):
-        return int(raw)
-    if isinstance(like, float):
-        return float(raw)
-    return raw
+def _parse(values: list[str], kind: type) -> Any:
+    if kind is bool:
+        return values[0].lower() in ("true", "1")
+    if kind is tuple:
+        return tuple(int(v) for v in values)
+    return kind(values[0])
 
 
-def read(key: str, default: Any = None, *, kind: type | None = None) -> Any:
-    """A control's value wherever the page is: the session, then the URL, then the default."""
+def _serialize(value: Any) -> str | list[str]:
+    if isinstance(value, tuple | list):
+        return [str(v) for v in value]
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def from_url() -> None:
+    """On a session's first run: the URL's kept values into the session (unparsable ones are
+    skipped; values that do not fit the model are fixed when their widget is drawn)."""
+    ss, qp = st.session_state, st.query_params
+    for key, kind in KEPT.items():
+        if key in qp and key not in ss:
+            try:
+                ss[key] = _parse(qp.get_all(key), kind)
+            except (TypeError, ValueError):
+                pass
+
+
+def to_url() -> None:
+    """Every kept value of the session into the URL (the address a user copies)."""
+    ss, qp = st.session_state, st.query_params
+    for key in KEPT:
+        if key in ss and ss[key] is not None:
+            value = _serialize(ss[key])
+            if qp.get_all(key) != (value if isinstance(value, list) else [value]):
+                qp[key] = value
+        elif key in qp:
+            del qp[key]
+
+
+def read(key: str, default: Any = None) -> Any:
+    """A control's value wherever the page is: the session, then the default."""
     ss = st.session_state
     if key in ss:
         return ss[key]
-    default = DEFAULTS.get(key) if default is None else default
-    qp = st.query_params
-    if key in qp:
-        try:
-            values = qp.get_all(key)
-            like = default if kind is None else kind()
-            if isinstance(like, tuple) or (default is None and len(values) == 2):
-                return tuple(int(v) for v in values)
-            return _parse(values[0], like)
-        except (TypeError, ValueError):
-            return default
-    return default
+    return DEFAULTS.get(key) if default is None else default
 
 
 def _fit(key: str, ok: Callable[[Any], bool], fix: Callable[[Any], Any]) -> bool:
