@@ -139,13 +139,13 @@ def rerun_times(checkpoint: Path, repeats: int) -> list[float]:
     at.radio(key="main_kind").set_value("Path or hub id").run()
     at.text_input(key="main_path").set_value(str(checkpoint)).run()
     at.button(key="main_load").click().run()
-    at.session_state["main_tabs"] = "Heads"
+    at.session_state["tab"] = "Heads"
     at.run()
     times = []
     for i in range(repeats):
         start = time.perf_counter()
         at.slider(key="hd_layer").set_value(1 + (i % 12)).run()
-        at.selectbox(key="hd_head").set_value(i % 12).run()
+        at.selectbox(key="hd_head").set_value(1 + (i % 12)).run()
         times.append((time.perf_counter() - start) / 2)
         assert not at.exception, at.exception
     return times

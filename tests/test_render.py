@@ -73,3 +73,27 @@ def test_mad_scatter():
     assert "pixels" in fig.layout.yaxis.title.text
     png = render.to_png(render.mad_scatter_png(mad))
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_figure_is_a_valid_plotly_figure():
+    """figures.py skips plotly's validation for speed: every function's output must pass it here
+    (a misspelt property would otherwise be dropped silently by the browser)."""
+    import plotly.graph_objects as go
+
+    rng = np.random.default_rng(0)
+    maps = rng.random((3, 4, 5, 5))
+    made = [
+        figures.patch_heatmap(maps[0, 0], num_prefix=1, zmin=0, title="t", colorbar_title="a", marked=(1, 2)),
+        figures.patch_heatmap(maps[0, 0] - 0.5, num_prefix=0, colorscale="blue-white-red"),
+        figures.clickable_view(rng.integers(0, 255, (80, 80, 3)).astype(np.uint8), 16, num_prefix=1, selected=(0, 1)),
+        figures.layer_head_matrix(maps[0, :, :, 0], title="t", unit="px", zmin=0),
+        figures.curves({"a": (np.arange(3), np.arange(3.0))}, title="t", x_title="x", y_title="y"),
+        figures.top_classes(["a", "b"], [0.7, 0.3]),
+        figures.token_norm_map(rng.random((3, 6)), rng.random((3, 6)) > 0.7, num_prefix=1, prefix_names=("cls",)),
+        figures.mad_scatter_figure(maps[0, :, :, 0] * 100, prefix_share=maps[1, :, :, 0]),
+        figures.tile_figure(maps, row_name="layer", col_name="head", colorbar_title="x", title="t", selected=(1, 1)),
+    ]
+    for fig in made:
+        spec = fig.to_dict()
+        checked = go.Figure(spec)  # raises on any property plotly does not know or any bad value
+        assert len(checked.data) == len(spec["data"])

@@ -123,7 +123,10 @@ def test_the_heads_map_draws_zero_with_the_first_colour_of_its_scale(small_model
     first = trace["colorscale"][0]
     lut0 = colormaps.get("inferno").lut[0]
     assert first[0] == 0 and first[1] == f"rgb({lut0[0]}, {lut0[1]}, {lut0[2]})"
-    assert trace["colorscale"][-1][0] == 1 and len(trace["colorscale"]) == 256
+    assert trace["colorscale"][-1][0] == 1
+    lut = colormaps.get("inferno").lut
+    for at_, colour in trace["colorscale"]:  # every stop is the table's entry at that position
+        assert colour == "rgb({}, {}, {})".format(*lut[round(at_ * 255)].tolist())
 
 
 def test_sequential_maps_run_dark_to_light_and_the_diverging_map_is_white_at_zero():
