@@ -189,7 +189,9 @@ def top_classes(names: list[str], probs: list[float]) -> go.Figure:
         textposition="auto",
         marker=dict(color=BLUE),
     )
-    layout = dict(height=240, margin=dict(l=10, r=10, t=10, b=10), xaxis=dict(range=[0, 1], title=dict(text="probability")))
+    layout = dict(
+        height=240, margin=dict(l=10, r=10, t=10, b=10), xaxis=dict(range=[0, 1], title=dict(text="probability"))
+    )
     return _figure([bar], layout)
 
 

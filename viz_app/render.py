@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import cv2
 import numpy as np
 
@@ -103,6 +105,26 @@ def overlay_on_original(original: np.ndarray, prepared: PreparedImage, heat: np.
     return out
 
 
+@lru_cache(maxsize=16)
+def _grid_frame(H: int, W: int, patch_size: int, k: int) -> tuple[np.ndarray, int]:
+    """The white margin with row/column numbers for a (H, W) view enlarged k times, and the
+    margin's width; the same for every image of a model, so drawn once."""
+    gh, gw = H // patch_size, W // patch_size
+    ps = patch_size * k
+    fs = max(0.5, max(H, W) * k / 850)
+    (tw, th), _ = cv2.getTextSize(str(max(gh, gw) - 1), FONT, fs, 1)
+    margin = tw + 10
+    canvas = np.full((H * k + margin, W * k + margin, 3), 255, np.uint8)
+    step = max(1, int(np.ceil((tw + 6) / ps)))  # skip labels that would overlap
+    for c in range(0, gw, step):
+        x = margin + c * ps + (ps - cv2.getTextSize(str(c), FONT, fs, 1)[0][0]) // 2
+        _text(canvas, str(c), (x, margin - 5), fs, (40, 40, 40))
+    for r in range(0, gh, step):
+        _text(canvas, str(r), (3, margin + r * ps + (ps + th) // 2), fs, (40, 40, 40))
+    canvas.setflags(write=False)
+    return canvas, margin
+
+
 def draw_patch_grid(
     view: np.ndarray,
     patch_size: int,
@@ -120,26 +142,16 @@ def draw_patch_grid(
     k = max(1, int(np.ceil(min_side / max(H, W))))
     img = cv2.resize(view, (W * k, H * k), interpolation=cv2.INTER_NEAREST) if k > 1 else view.copy()
     ps = patch_size * k
-    for r in range(1, gh):
-        img[r * ps, :] = 255
-    for c in range(1, gw):
-        img[:, c * ps] = 255
+    img[ps : gh * ps : ps, :] = 255
+    img[:, ps : gw * ps : ps] = 255
     if highlight is not None:
         r, c = highlight
         cv2.rectangle(img, (c * ps, r * ps), ((c + 1) * ps - 1, (r + 1) * ps - 1), (0, 255, 255), max(2, k))
     if not labels:
         return img
-    fs = max(0.5, max(H, W) * k / 850)
-    (tw, th), _ = cv2.getTextSize(str(max(gh, gw) - 1), FONT, fs, 1)
-    margin = tw + 10
-    canvas = np.full((H * k + margin, W * k + margin, 3), 255, np.uint8)
+    frame, margin = _grid_frame(H, W, patch_size, k)
+    canvas = frame.copy()
     canvas[margin:, margin:] = img
-    step = max(1, int(np.ceil((tw + 6) / ps)))  # skip labels that would overlap
-    for c in range(0, gw, step):
-        x = margin + c * ps + (ps - cv2.getTextSize(str(c), FONT, fs, 1)[0][0]) // 2
-        _text(canvas, str(c), (x, margin - 5), fs, (40, 40, 40))
-    for r in range(0, gh, step):
-        _text(canvas, str(r), (3, margin + r * ps + (ps + th) // 2), fs, (40, 40, 40))
     return canvas
 
 

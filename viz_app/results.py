@@ -7,7 +7,7 @@ Streamlit caching that keeps these objects lives in viz_app/cache.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ import torch
 from model.preprocess import PreparedImage
 from model.weights.load import LoadedModel
 from viz_app import analysis as A
-from viz_app import report
+from viz_app import render, report
 from viz_app.pipeline import Forward, run_forward
 
 
@@ -27,6 +27,14 @@ class ImageResult:
     forward: Forward
     arrays: dict[str, np.ndarray]
     prepared: PreparedImage
+    pictures: dict = field(default_factory=dict, compare=False, repr=False)  # drawn once, then reused
+
+    def patch_grid(self, patch_size: int) -> np.ndarray:
+        """The model's view with its patch grid and row/column numbers (drawn once per result)."""
+        key = ("grid", patch_size)
+        if key not in self.pictures:
+            self.pictures[key] = render.draw_patch_grid(self.prepared.view, patch_size)
+        return self.pictures[key]
 
     @property
     def attentions(self) -> torch.Tensor:  # (L, H, T, T) float32

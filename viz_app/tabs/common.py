@@ -104,9 +104,19 @@ def rollout_settings(ctx: Ctx) -> report.Settings:
 
 
 def rollout_map(ctx: Ctx, s: report.Settings) -> np.ndarray:
-    """The rollout (gh, gw) with the settings' fusion, discard ratio, read-out and layers."""
+    """The rollout (gh, gw) with the settings' fusion, discard ratio, read-out and layers (the
+    cached one when they are the paper's)."""
     c = ctx.lm.config
     first, last = s.layer_range(c.depth)
+    paper = report.Settings()
+    if (s.rollout_fusion, s.rollout_discard, s.rollout_readout, first, last) == (
+        paper.rollout_fusion,
+        paper.rollout_discard,
+        paper.rollout_readout,
+        1,
+        c.depth,
+    ):
+        return ctx.result.rollout
     heat = A.attention_rollout(
         ctx.result.forward.attentions,
         readout_tokens=c.readout_tokens,
@@ -185,7 +195,8 @@ def show_map(ctx: Ctx, heat: np.ndarray, opts: dict, *, label: str, caption: str
     """Draw an overlay at a common display size with its colour bar and a caption saying what
     it is, how it was upsampled and what 0 looks like."""
     img = overlay(ctx, heat, opts, on_original=on_original)
-    scale = max(1, int(np.ceil(448 / max(img.shape[:2]))))  # nearest enlargement keeps the bar sharp
+    # small inputs enlarged (nearest) so that the colour bar beside them stays legible
+    scale = max(1, int(np.ceil(224 / max(img.shape[:2]))))
     if scale > 1:
         img = np.repeat(np.repeat(img, scale, axis=0), scale, axis=1)
     st.image(with_colorbar(img, heat, opts, label), caption=caption, width="stretch")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from viz_app import figures, render
+from viz_app import figures
 from viz_app.tabs import state
 from viz_app.tabs.common import Ctx, display_settings, rollout_map, rollout_settings, show_map
 
@@ -27,7 +27,7 @@ def draw(ctx: Ctx) -> None:
             names = [ctx.label(i) for i, _ in r.top5]
             st.plotly_chart(figures.top_classes(names, [p for _, p in r.top5]), key="ov_top5")
     with mid:
-        grid = render.draw_patch_grid(r.prepared.view, c.patch_size, min_side=448)
+        grid = r.patch_grid(c.patch_size)
         st.image(
             grid,
             caption=f"What the model sees: {c.image_size[1]}x{c.image_size[0]} px, "
