@@ -1,4 +1,5 @@
-"""Performance figures of issue 7, each next to its reference, measured side by side in one run.
+"""Performance figures (forward pass against transformers and the machine's peak, views, memory,
+batch CLI), each next to its reference, measured side by side in one run.
 
 python -m benchmarks.bench_perf [--repeats 5] [--skip-large]
 
@@ -30,8 +31,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import best_of, cpu_model, machine
-from model import load_checkpoint, load_image, prepare_image
-from model.linear import pack_linears, packing_available, unpack_linears
+from model import _onednn, load_checkpoint, load_image, prepare_image
+from model.linear import pack_linears, unpack_linears
 from model.resources import EXAMPLES_DIR
 from viz_app import analysis as A
 from viz_app import render
@@ -46,9 +47,10 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> dict[str
     machine's peak is the faster of the two."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     out = {"torch.mm": 2 * n**3 / best_of(lambda: torch.mm(a, b), repeats=repeats, warmup=2) / 1e9}
-    if packing_available():
-        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous())
-        t = best_of(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""), repeats=repeats)
+    onednn = _onednn.BACKEND  # the private ops, through the one adapter that checks them
+    if onednn is not None:
+        packed = onednn.reorder(b.t().contiguous())
+        t = best_of(lambda: onednn.linear(a, packed, None), repeats=repeats)
         out["oneDNN"] = 2 * n**3 / t / 1e9
     out["peak"] = max(out.values())
     return out

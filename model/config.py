@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+# The activation names ViTConfig.act accepts are the keys of linear.ACTIVATIONS, their one list
+# (it maps each to its function). This brings in torch, as the package's __init__ does anyway.
+from .linear import ACTIVATIONS
+
 POOLS = ("token", "avg", "token_avg")
 POS_RESAMPLE_METHODS = ("bicubic", "bicubic_plain", "bilinear", "bicubic_dino", "nearest")
 
@@ -73,12 +76,14 @@ class ViTConfig:
         elif h % p or w % p:
             problems.append(f"image_size {self.image_size} is not divisible by patch_size {p}")
         if self.conv_stem and (p % 2 ** len(self.conv_stem) or min(self.conv_stem) <= 0):
-            problems.append(f"a conv stem of {len(self.conv_stem)} stride-2 layers needs patch_size divisible by "
-                            f"{2 ** len(self.conv_stem)} and positive widths, got {p} and {self.conv_stem}")  # fmt: skip
+            problems.append(
+                f"a conv stem of {len(self.conv_stem)} stride-2 layers needs patch_size divisible by "
+                f"{2 ** len(self.conv_stem)} and positive widths, got {p} and {self.conv_stem}"
+            )
         if self.embed_dim % self.num_heads:
             problems.append(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.act not in ACTIVATIONS:
-            problems.append(f"act must be one of {ACTIVATIONS}, got {self.act!r}")
+            problems.append(f"act must be one of {tuple(ACTIVATIONS)}, got {self.act!r}")
         if self.global_pool not in POOLS:
             problems.append(f"global_pool must be one of {POOLS}, got {self.global_pool!r}")
         if self.global_pool in ("token", "token_avg") and not self.class_token:
@@ -170,7 +175,8 @@ class ViTConfig:
 class Preprocessing:
     """How an image becomes the model's input tensor; travels with the weights.
 
-    mode "crop": resize the shorter side to round(input_size / crop_pct), then center-crop.
+    mode "crop": resize the shorter side to int(input_size / crop_pct) (floored, as timm does), then
+    center-crop.
     mode "squash": resize straight to input_size (Hugging Face ViTImageProcessor).
     """
 

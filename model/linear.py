@@ -13,17 +13,24 @@ load_state_dict bump its version; .to(), .float(), .cuda() drop the copy. The lo
 otherwise treated as frozen: writes that bypass the version counter (through .data or a numpy
 view) are not seen, so call pack_linears again after them. Parameters and state dict are those
 of nn.Linear.
+
+The private torch calls this takes (the packing ops, the version counter, the forward-AD and
+functorch probes) all go through model/_onednn.py, which checks them once at import; where they
+are missing or behave differently it logs one line, nothing is packed and every layer runs on
+F.linear. torch has no public route as fast (benchmarks/bench_linear.py, BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd import forward_ad
+
+from . import _onednn
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +41,16 @@ def quick_gelu(x: Tensor) -> Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {
+def gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# The activations a model may use, by the name ViTConfig.act gives (the one list of them: config.py
+# validates against these keys).
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,  # exact (erf)
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "quick_gelu": quick_gelu,
+    "gelu_tanh": gelu_tanh,  # JAX's default
+    "quick_gelu": quick_gelu,  # CLIP
 }
 # activation -> oneDNN post-op (attr, algorithm); others are applied after the packed product
 FUSED = {"gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
@@ -45,12 +58,13 @@ FUSED = {"gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """A weight reordered for oneDNN, and the weight it was made from (an alias that keeps its
-    storage alive: an equal address is then the same storage)."""
+    """A weight reordered for oneDNN, the weight it was made from (an alias that keeps its
+    storage alive: an equal address is then the same storage), and the backend that made it."""
 
     tensor: Tensor
     source: Tensor
     version: int
+    backend: _onednn.OneDNN
 
     @property
     def dtype(self) -> torch.dtype:
@@ -60,25 +74,16 @@ class PackedWeight:
         s = self.source
         return (
             weight.data_ptr() == s.data_ptr()
-            and weight._version == self.version
+            and self.backend.version(weight) == self.version
             and weight.dtype == s.dtype
             and weight.shape == s.shape
             and weight.stride() == s.stride()
         )
 
 
-def plain_inference() -> bool:
-    """No reverse- or forward-mode autograd, functorch transform or CPU autocast is active."""
-    return (
-        not torch.is_grad_enabled()
-        and forward_ad._current_level < 0
-        and torch._C._functorch.peek_interpreter_stack() is None
-        and not torch.is_autocast_enabled("cpu")
-    )
-
-
 def packing_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """The private oneDNN ops and probes passed their check at import (model/_onednn.py)."""
+    return _onednn.BACKEND is not None
 
 
 class Linear(nn.Linear):
@@ -93,7 +98,7 @@ class Linear(nn.Linear):
             and x.device.type == "cpu"
             and x.dtype == p.dtype
             and p.matches(self.weight)
-            and plain_inference()
+            and p.backend.plain_inference()
         ):
             return self._packed_forward(p, x, activation)
         y = F.linear(x, self.weight, self.bias)
@@ -103,7 +108,7 @@ class Linear(nn.Linear):
         attr, algorithm = FUSED.get(activation, ("none", ""))
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        y = torch.ops.mkldnn._linear_pointwise(x2, p.tensor, self.bias, attr, [], algorithm)
+        y = p.backend.linear(x2, p.tensor, self.bias, attr, algorithm)
         y = y.view(*lead, y.shape[-1])
         if activation is not None and activation not in FUSED:
             y = ACTIVATIONS[activation](y)
@@ -112,13 +117,15 @@ class Linear(nn.Linear):
     @torch.no_grad()
     def pack(self) -> bool:
         """Make the packed copy and check it against F.linear on a small input; False where the
-        weight is not on the CPU, not float32/bfloat16, or the check fails (nothing is packed)."""
+        weight is not on the CPU, not float32/bfloat16, the oneDNN ops failed their check at import,
+        or the check here fails (nothing is packed)."""
         self.packed = None
         w = self.weight
-        if w.device.type != "cpu" or w.dtype not in PACKABLE_DTYPES or not w.is_contiguous() or not packing_available():
+        backend = _onednn.BACKEND
+        if w.device.type != "cpu" or w.dtype not in PACKABLE_DTYPES or not w.is_contiguous() or backend is None:
             return False
         try:
-            candidate = PackedWeight(torch.ops.mkldnn._reorder_linear_weight(w), w.detach(), w._version)
+            candidate = PackedWeight(backend.reorder(w), w.detach(), backend.version(w), backend)
             x = torch.randn(3, self.in_features, generator=torch.Generator().manual_seed(0)).to(w.dtype)
             got = self._packed_forward(candidate, x, None).float()
         except RuntimeError as e:  # an op this build or CPU lacks
