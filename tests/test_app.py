@@ -245,6 +245,7 @@ def test_demo_model_is_the_default_and_sanity_tab_scores_a_scene():
     np.testing.assert_allclose(sorted(decode(shown[0]["data"][0]["x"]))[::-1], probs.topk(5).values.numpy(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_failing_hub_then_working_hub_then_offline_cache(tmp_path, monkeypatch):
     """A hub download that fails gives one message and keeps the model; once the server works the
     model loads; with HF_HUB_OFFLINE=1 the page lists what is cached."""

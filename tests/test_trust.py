@@ -296,7 +296,7 @@ def test_downloads_are_what_the_page_shows(small_model, media):
     img = Image.open(io.BytesIO(png))
     assert max(img.size) >= 1024
     # the overlay is coloured with viridis (the Rollout tab's choice), not the default inferno
-    rgb = np.asarray(img.convert("RGB")).reshape(-1, 3)
+    rgb = np.asarray(img.convert("RGB")).reshape(-1, 3)[::37].astype(int)  # a sample of the pixels
     vir, inf = colormaps.get("viridis").lut, colormaps.get("inferno").lut
     assert (np.abs(rgb[:, None] - vir[None, ::8]).sum(-1).min(1) < 6).sum() > (
         np.abs(rgb[:, None] - inf[None, ::8]).sum(-1).min(1) < 6
