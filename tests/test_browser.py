@@ -400,3 +400,32 @@ def test_zero_attention_is_drawn_in_the_scales_minimum_colour(page):
     pixel = shot[int(round(where["y"])), int(round(where["x"]))].astype(int)
     want = colormaps.get("inferno").lut[0].astype(int)
     assert np.abs(pixel - want).max() <= 3, (pixel, want)
+
+
+def test_clicking_the_same_patch_again_is_seen(page):
+    """Click a patch, type another row, click the same patch again: the click wins again."""
+    open_tab(page, "Heads")
+
+    def click_patch(row: int, col: int) -> None:
+        """Click the centre of patch (row, col) of the patch picker (the demo: 8 px patches)."""
+        xy = page.evaluate(
+            """([row, col]) => {
+              const gd = document.querySelector('.js-plotly-plot'), fl = gd._fullLayout;
+              const r = gd.getBoundingClientRect(), p = 8;
+              return [r.left + fl._size.l + fl.xaxis.d2p((col + 0.5) * p),
+                      r.top + fl._size.t + fl.yaxis.d2p((row + 0.5) * p)];
+            }""",
+            [row, col],
+        )
+        page.mouse.click(*xy)
+        wait_idle(page)
+
+    click_patch(3, 7)
+    assert big_map_title(page).endswith("attention of patch (3, 7)")
+    row = page.locator("[data-testid='stNumberInput']").filter(has_text="Patch row").first.locator("input")
+    row.fill("9")
+    row.press("Enter")
+    wait_idle(page)
+    assert big_map_title(page).endswith("attention of patch (9, 7)")
+    click_patch(3, 7)
+    assert big_map_title(page).endswith("attention of patch (3, 7)")
