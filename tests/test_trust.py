@@ -386,7 +386,7 @@ def test_titles_name_patches_and_count_heads_from_one(small_model):
     assert any(t.endswith("attention of patch (4, 3)") for t in titles), titles
     assert not any("token 2" in t for t in titles)
     assert at.selectbox(key="hd_head").options[0] == "1"
-    grid = next(json.loads(s) for _, s in specs(at) if title_of(json.loads(s)).startswith("Every layer"))
+    grid = next(json.loads(s) for key, s in specs(at) if "hd_grid" in key)
     assert grid["layout"]["xaxis"]["ticktext"][0] == "1" and grid["data"][0]["colorbar"]["title"]["text"]
     for el in at.get("plotly_chart"):
         if "hd_click" in el.proto.id or "hd_grid" in el.proto.id:

@@ -109,13 +109,13 @@ def draw(ctx: Ctx) -> None:
     )
     top = maps.max(axis=(2, 3), keepdims=True) if scale == "per map" else maps.max(keepdims=True)
     tiles = maps / np.maximum(top, 1e-12)
+    st.markdown(f"**Every layer and head: attention of {who}** (click a tile to show it large)")
     st.plotly_chart(
         figures.tile_figure(
             tiles,
             row_name="layer",
             col_name="head",
             colorbar_title="share of max" if scale == "per map" else f"x {float(maps.max()):.3g}",
-            title=f"Every layer and head: attention of {who} (click a tile to show it large)",
             selected=(layer - 1, head - 1),
         ),
         key=chart_key("hd_grid"),

@@ -94,6 +94,7 @@ def draw(ctx: Ctx) -> None:
         **ctx.kw,
     )[0].numpy()  # (L, gh, gw)
     tiles = strip / np.maximum(strip.max(axis=(1, 2), keepdims=True), 1e-12)
+    st.markdown("**Rollout after each layer**, from layer 1 (each map from 0 to its own maximum)")
     st.plotly_chart(
         figures.tile_figure(
             tiles[None],
@@ -101,7 +102,6 @@ def draw(ctx: Ctx) -> None:
             col_name="after layer",
             row_labels=[""],
             colorbar_title="share of max",
-            title="Rollout after each layer, from layer 1 (each map from 0 to its own maximum)",
             height=max(160, 90 + 600 // c.depth),
         ),
         key=chart_key("ro_strip"),
