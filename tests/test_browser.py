@@ -433,3 +433,28 @@ def test_clicking_the_same_patch_again_is_seen(page):
     assert big_map_title(page).endswith("attention of patch (9, 7)")
     click_patch(3, 7)
     assert big_map_title(page).endswith("attention of patch (3, 7)")
+
+
+def test_layout_at_1024_px(browser, server):
+    """At 1024 x 768: every tab label is inside the tab bar (none behind its scroll arrow), the
+    large map's title is whole, and the 'Similarity to patch' map keeps a usable size."""
+    ctx = browser.new_context(viewport={"width": 1024, "height": 768})
+    pg = ctx.new_page()
+    pg.set_default_timeout(120_000)
+    pg.goto(server)
+    wait_idle(pg)
+    bar = pg.locator("[role='tablist']").first.bounding_box()
+    for tab in pg.get_by_role("tab").all():
+        box = tab.bounding_box()
+        assert bar["x"] <= box["x"] and box["x"] + box["width"] <= bar["x"] + bar["width"] + 1, tab.inner_text()
+    open_tab(pg, "Heads")
+    title = big_map_title(pg)
+    shown = pg.locator(".gtitle").filter(has_text="Layer ").first  # an SVG text element
+    assert title and shown.text_content() == title  # the title on screen is the whole title
+    tbox, cbox = shown.bounding_box(), pg.locator(".js-plotly-plot").nth(1).bounding_box()
+    assert tbox["x"] + tbox["width"] <= cbox["x"] + cbox["width"]  # and it fits its chart
+    open_tab(pg, "Embeddings")
+    chart = pg.locator("[data-testid='stPlotlyChart']").filter(has_text="Similarity to patch").first
+    assert chart.bounding_box()["width"] >= 250
+    pg.screenshot(path=str(ARTIFACTS / "embeddings_1024.png"))
+    ctx.close()

@@ -97,3 +97,12 @@ def test_every_figure_is_a_valid_plotly_figure():
         spec = fig.to_dict()
         checked = go.Figure(spec)  # raises on any property plotly does not know or any bad value
         assert len(checked.data) == len(spec["data"])
+
+
+def test_patch_grid_numbers_are_legible_at_224_px():
+    """Row and column numbers at least 12 px tall in the picture (they were about 4 px)."""
+    view = np.full((224, 224, 3), 128, np.uint8)
+    grid = render.draw_patch_grid(view, 16)
+    margin = grid.shape[0] - 672  # the view is enlarged 3 times; the numbers sit in the margin
+    ink = np.nonzero((grid[:margin, margin:, 0] < 100).any(axis=1))[0]  # rows of the column numbers
+    assert margin > 0 and ink.size and ink.max() - ink.min() + 1 >= 12

@@ -31,11 +31,16 @@ def draw(ctx: Ctx) -> None:
         "**Position-embedding similarity** (paper Fig. 7, centre): tile (r, c) shows the cosine similarity of "
         "patch (r, c)'s position embedding to every patch's; one scale from -1 (blue) through 0 (white) to 1 (red)."
     )
-    left, right = st.columns([1.3, 1])
+    left, right = st.columns(2)
     with right:
         a, b = st.columns(2)
         pr = state.number("Patch row", 0, gh - 1, gh // 2, key="pe_row", container=a)
         pc = state.number("Patch column", 0, gw - 1, gw // 2, key="pe_col", container=b)
+        st.caption(
+            f"Neighbour contrast (4-neighbours minus 4+ apart): {A.neighbour_contrast(sim, c.grid):.3f}. "
+            "Click a tile of the grid below to show it large."
+        )
+    with left:
         st.plotly_chart(
             figures.patch_heatmap(
                 tiles[pr, pc],
@@ -46,32 +51,29 @@ def draw(ctx: Ctx) -> None:
                 title=f"Similarity to patch ({pr}, {pc})",
                 colorbar_title="cosine",
                 marked=(pr, pc),
-                height=420,
+                height=380,
             ),
             key="pe_big",
         )
-        st.caption(f"Neighbour contrast (4-neighbours minus 4+ apart): {A.neighbour_contrast(sim, c.grid):.3f}")
-    with left:
-        st.plotly_chart(
-            figures.tile_figure(
-                tiles,
-                row_name="patch row",
-                col_name="patch column",
-                row_labels=[str(i) for i in range(gh)],
-                col_labels=[str(j) for j in range(gw)],
-                colorbar_title="cosine",
-                zmin=-1,
-                zmax=1,
-                colorscale=colormaps.DEFAULT_DIVERGING,
-                selected=(pr, pc),
-                height=560,
-            ),
-            key=chart_key("pe_tiles"),
-            on_select=on_tile_click,
-            selection_mode="points",
-            config=NO_TOOLBAR,
-        )
-        st.caption("Click a tile to show it large.")
+    st.plotly_chart(  # every tile, the full width of the page: the grid needs the room
+        figures.tile_figure(
+            tiles,
+            row_name="patch row",
+            col_name="patch column",
+            row_labels=[str(i) for i in range(gh)],
+            col_labels=[str(j) for j in range(gw)],
+            colorbar_title="cosine",
+            zmin=-1,
+            zmax=1,
+            colorscale=colormaps.DEFAULT_DIVERGING,
+            selected=(pr, pc),
+            height=680,
+        ),
+        key=chart_key("pe_tiles"),
+        on_select=on_tile_click,
+        selection_mode="points",
+        config=NO_TOOLBAR,
+    )
     if c.linear_patch_embed:
         patch_filters(ctx)
     else:
