@@ -267,7 +267,7 @@ def test_failing_hub_then_working_hub_then_offline_cache(tmp_path, monkeypatch):
         state.mode = "500"
         at = load_path(run_app(), Path("acme/tiny-vit"))
         assert [e.value for e in at.error] == [
-            "Could not load acme/tiny-vit: the hub answered 500 for acme/tiny-vit; try again later "
+            "Could not load acme/tiny-vit: the hub answered 500 for acme/tiny-vit; try again later. "
             "Showing the previous model, the embedded demo model."
         ]
         assert at.radio(key="main_kind").value == "Embedded demo"  # the picker names the model shown

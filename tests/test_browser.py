@@ -458,3 +458,22 @@ def test_layout_at_1024_px(browser, server):
     assert chart.bounding_box()["width"] >= 250
     pg.screenshot(path=str(ARTIFACTS / "embeddings_1024.png"))
     ctx.close()
+
+
+def test_clicking_a_tile_of_the_layer_head_grid_shows_it_large(page):
+    open_tab(page, "Heads")
+    xy = page.evaluate(
+        """() => {
+          const gd = [...document.querySelectorAll('.js-plotly-plot')].find(
+              g => g._fullData && g._fullData.length === 2 && g._fullData[0].type === 'heatmap'
+                   && g._fullLayout.xaxis.side === 'top');
+          gd.scrollIntoView({block: 'center'});  // below the fold at first
+          const t = gd._fullData[1], fl = gd._fullLayout, i = 1 * 6 + 3;  // layer 2, head 4 (demo: 6 heads)
+          const r = gd.getBoundingClientRect();
+          return [r.left + fl.xaxis._offset + fl.xaxis.d2p(t.x[i]), r.top + fl.yaxis._offset + fl.yaxis.d2p(t.y[i])];
+        }"""
+    )
+    page.mouse.click(*xy)
+    wait_idle(page)
+    assert page.locator("[data-testid='stException']").count() == 0
+    assert big_map_title(page).startswith("Layer 2, head 4: ")

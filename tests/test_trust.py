@@ -391,3 +391,28 @@ def test_titles_name_patches_and_count_heads_from_one(small_model):
     for el in at.get("plotly_chart"):
         if "hd_click" in el.proto.id or "hd_grid" in el.proto.id:
             assert json.loads(el.proto.config or "{}").get("displayModeBar") is False
+
+
+def test_tile_clicks_select_the_tile(monkeypatch):
+    """The grids' callbacks read the clicked marker's index (its customdata reaches Python as a
+    dict made from a typed array, which broke an earlier version)."""
+    from viz_app.tabs import embeddings, rollout
+
+    ss: dict = {}
+    monkeypatch.setattr(st, "session_state", ss)
+
+    def click(name: str, index: int, callback) -> None:
+        point = {"curve_number": 1, "point_number": index, "point_index": index, "customdata": {"0": 9, "1": 9}}
+        ss[heads.chart_key(name)] = {"selection": {"points": [point]}}
+        callback()
+
+    click("hd_grid", 1 * 12 + 4, lambda: heads.on_tile_click(12))  # layer 2, head 5 of a 12 x 12 grid
+    assert (ss["hd_layer"], ss["hd_head"]) == (2, 5)
+    click("pe_tiles", 3 * 14 + 11, lambda: embeddings.on_tile_click(14))
+    assert (ss["pe_row"], ss["pe_col"]) == (3, 11)
+    ss["ro_layers"] = (2, 12)
+    click("ro_strip", 6, lambda: rollout.on_strip_click(12))
+    assert ss["ro_layers"] == (2, 7)
+    ss[heads.chart_key("hd_grid")] = {"selection": {"points": [{"curve_number": 0, "point_index": [1, 2]}]}}
+    heads.on_tile_click(12)  # a click that reached the heat map under the markers changes nothing
+    assert (ss["hd_layer"], ss["hd_head"]) == (2, 5)

@@ -117,14 +117,26 @@ def clickable_view(
         shapes.append(
             dict(type="rect", x0=x0, x1=x0 + patch_size, y0=y0, y1=y0 + patch_size, line=dict(color=CYAN, width=3))
         )
+    step = max(1, -(-max(gh, gw) // 16))  # at most about 16 numbers a side
+    ticks = dict(showgrid=False, zeroline=False, ticks="", tickfont=dict(size=11))
     layout = dict(
         shapes=shapes,
         height=380,
-        margin=dict(l=0, r=0, t=0, b=0),
+        margin=dict(l=28, r=0, t=24, b=0),
         clickmode="event+select",
         dragmode=False,
-        xaxis=dict(visible=False),
-        yaxis=dict(visible=False),
+        # rows and columns numbered from 0 at the patch centres, as on the Overview's grid
+        xaxis=dict(
+            tickvals=[(c + 0.5) * patch_size for c in range(0, gw, step)],
+            ticktext=[str(c) for c in range(0, gw, step)],
+            side="top",
+            **ticks,
+        ),
+        yaxis=dict(
+            tickvals=[(r + 0.5) * patch_size for r in range(0, gh, step)],
+            ticktext=[str(r) for r in range(0, gh, step)],
+            **ticks,
+        ),
     )
     return _figure([image, points], layout)
 

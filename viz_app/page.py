@@ -172,6 +172,7 @@ def choose_model(device: str, dtype: str) -> tuple[str, LoadedModel] | None:
         return None
     # back to the last good model; the picker shows it again (widgets are reset before they exist),
     # except after a failed upload, where the uploader stays for the next file
+    why = why.rstrip() if why.rstrip().endswith((".", "!", "?")) else why.rstrip() + "."
     ss["notice"] = f"Could not load {source_label(source)}: {why} Showing the previous model, {source_label(good)}."
     ss["model_source"] = good
     ss["revert_picker"] = not source.startswith("upload:")

@@ -296,8 +296,13 @@ def to_png(image: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def _fmt(v: float) -> str:
-    return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.2e}"
+def _tick_format(vmin: float, vmax: float, ticks: int) -> str:
+    """One format for every tick of a bar: enough decimals to tell neighbouring ticks apart."""
+    step = abs(vmax - vmin) / max(ticks - 1, 1)
+    if step == 0 or not np.isfinite(step) or step >= 1e4 or max(abs(vmin), abs(vmax)) >= 1e5:
+        return "{:.3g}"
+    decimals = max(0, int(np.ceil(-np.log10(step))) + 1)
+    return "{:." + str(min(decimals, 6)) + "f}"
 
 
 def colorbar(
@@ -305,7 +310,7 @@ def colorbar(
 ) -> np.ndarray:
     """A vertical colour bar (RGB, white background) `height` px tall: the colour map from vmin
     (bottom) to vmax (top), `ticks` labelled values, and the quantity's name along the bar."""
-    scale = max(0.5, height / 520)  # text stays legible when the picture is shown at column width
+    scale = min(1.2, max(0.5, height / 520))  # legible at column width, not shouting in a download
     bar_w = max(12, height // 22)
     # a fixed width for a given height, so that maps shown side by side keep the same size
     width = width or bar_w + cv2.getTextSize("-0.000e+00", FONT, scale, 1)[0][0] + int(40 * scale) + 16
@@ -315,10 +320,11 @@ def colorbar(
     ramp = np.linspace(1.0, 0.0, inner)[:, None].repeat(bar_w, axis=1)  # top = vmax
     out[pad : pad + inner, 4 : 4 + bar_w] = colormaps.get(cmap).lut[(ramp * 255 + 0.5).astype(np.uint8)]
     cv2.rectangle(out, (4, pad), (4 + bar_w - 1, pad + inner - 1), (60, 60, 60), 1)
+    fmt = _tick_format(vmin, vmax, ticks)
     for v in np.linspace(vmin, vmax, ticks):
         y = int(round(pad + (1 - (v - vmin) / (vmax - vmin or 1)) * (inner - 1)))
         cv2.line(out, (4 + bar_w, y), (8 + bar_w, y), (20, 20, 20), 1)
-        _text(out, _fmt(float(v)), (11 + bar_w, y + int(5 * scale)), scale)
+        _text(out, fmt.format(float(v)), (11 + bar_w, y + int(5 * scale)), scale)
     if label:  # written upwards along the right edge
         (tw, th), _ = cv2.getTextSize(label, FONT, scale, 1)
         strip = np.full((th + 8, tw + 4, 3), 255, np.uint8)

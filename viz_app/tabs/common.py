@@ -29,6 +29,20 @@ def clicked_points(chart_key: str) -> list:
     return selection.get("points", []) if isinstance(selection, dict) else getattr(selection, "points", [])
 
 
+def clicked_tile(points: list, cols: int) -> tuple[int, int] | None:
+    """(row, col) of the tile clicked on a figures.tile_figure grid of `cols` columns, or None.
+
+    The tile markers are the figure's second trace, in row-major order, so a point's index is
+    row * cols + col. (Its customdata arrives as a typed array turned into a dict, not a list.)"""
+    for p in points:
+        if p.get("curve_number", 1) != 1:
+            continue  # the heat map under the markers
+        index = p.get("point_index", p.get("point_number"))
+        if isinstance(index, int | float) and not isinstance(index, bool) and index >= 0:
+            return divmod(int(index), cols)
+    return None
+
+
 def next_chart(name: str) -> None:
     """A new key for a clickable chart: its selection starts empty, so clicking the same tile or
     patch again is a new selection (a chart that keeps its selection ignores a repeated click)."""

@@ -9,16 +9,16 @@ import torch
 from viz_app import analysis as A
 from viz_app import colormaps, figures, render
 from viz_app.tabs import state
-from viz_app.tabs.common import NO_TOOLBAR, Ctx, chart_key, clicked_points, next_chart
+from viz_app.tabs.common import NO_TOOLBAR, Ctx, chart_key, clicked_points, clicked_tile, next_chart
 
 
-def on_tile_click() -> None:
+def on_tile_click(cols: int) -> None:
     """Callback of the similarity tiles: the clicked tile's patch is shown large."""
     points = clicked_points(chart_key("pe_tiles"))
     next_chart("pe_tiles")
-    if points and "customdata" in points[0]:
-        row, col = (int(v) for v in points[0]["customdata"][:2])
-        st.session_state.update(pe_row=row, pe_col=col)
+    tile = clicked_tile(points, cols)
+    if tile is not None:
+        st.session_state.update(pe_row=tile[0], pe_col=tile[1])
 
 
 def draw(ctx: Ctx) -> None:
@@ -70,7 +70,7 @@ def draw(ctx: Ctx) -> None:
             height=680,
         ),
         key=chart_key("pe_tiles"),
-        on_select=on_tile_click,
+        on_select=lambda: on_tile_click(gw),
         selection_mode="points",
         config=NO_TOOLBAR,
     )

@@ -12,7 +12,7 @@ import streamlit as st
 from viz_app import analysis as A
 from viz_app import figures, render
 from viz_app.tabs import state
-from viz_app.tabs.common import NO_TOOLBAR, Ctx, chart_key, clicked_points, next_chart
+from viz_app.tabs.common import NO_TOOLBAR, Ctx, chart_key, clicked_points, clicked_tile, next_chart
 
 
 def on_patch_click(patch_size: int, grid: tuple[int, int]) -> None:
@@ -30,13 +30,13 @@ def on_patch_click(patch_size: int, grid: tuple[int, int]) -> None:
     st.session_state.update(hd_row=row, hd_col=col, hd_query="patch")
 
 
-def on_tile_click() -> None:
+def on_tile_click(heads: int) -> None:
     """Callback of the layer x head grid: the clicked tile becomes the large map."""
     points = clicked_points(chart_key("hd_grid"))
     next_chart("hd_grid")
-    if points and "customdata" in points[0]:
-        layer, head = (int(v) for v in points[0]["customdata"][:2])
-        st.session_state.update(hd_layer=layer + 1, hd_head=head + 1)
+    tile = clicked_tile(points, heads)
+    if tile is not None:
+        st.session_state.update(hd_layer=tile[0] + 1, hd_head=tile[1] + 1)
 
 
 def query_selector(ctx: Ctx) -> int | None:
@@ -115,11 +115,11 @@ def draw(ctx: Ctx) -> None:
             tiles,
             row_name="layer",
             col_name="head",
-            colorbar_title="share of max" if scale == "per map" else f"x {float(maps.max()):.3g}",
+            colorbar_title="share of each map's max" if scale == "per map" else f"share of {float(maps.max()):.3g}",
             selected=(layer - 1, head - 1),
         ),
         key=chart_key("hd_grid"),
-        on_select=on_tile_click,
+        on_select=lambda: on_tile_click(c.num_heads),
         selection_mode="points",
         config=NO_TOOLBAR,
     )

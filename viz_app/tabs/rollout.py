@@ -14,6 +14,7 @@ from viz_app.tabs.common import (
     Ctx,
     chart_key,
     clicked_points,
+    clicked_tile,
     display_options,
     next_chart,
     readout_choices,
@@ -51,6 +52,17 @@ def draw(ctx: Ctx) -> None:
     opts = display_options()
     s = rollout_settings(ctx)
     first, last = s.layer_range(c.depth)
+    target = None
+    if c.num_classes:  # chosen above both maps, so that they stand side by side at one height
+        top = int(r.top5[0][0])
+        target = state.select(
+            "Class of the gradient rollout",
+            list(range(c.num_classes)),
+            top,
+            key="ro_class",
+            format_func=lambda i: f"{ctx.label(i)} ({r.probs[i]:.1%})",
+            help="the class whose logit's gradient weighs the attention; the top-1 class by default",
+        )
     left, right = st.columns(2)
     with left:
         st.markdown("**Attention rollout** (Abnar & Zuidema 2020)")
@@ -64,16 +76,7 @@ def draw(ctx: Ctx) -> None:
         )
     with right:
         st.markdown("**Gradient rollout** (Chefer et al. 2021)")
-        if c.num_classes:
-            top = int(r.top5[0][0])
-            target = state.select(
-                "Class",
-                list(range(c.num_classes)),
-                top,
-                key="ro_class",
-                format_func=lambda i: f"{ctx.label(i)} ({r.probs[i]:.1%})",
-                help="the class whose logit's gradient weighs the attention; the top-1 class by default",
-            )
+        if target is not None:
             with st.spinner("One backward pass for the class..."):
                 gmap = ctx.gradient_map(int(target))
             show_map(
@@ -116,7 +119,8 @@ def on_strip_click(depth: int) -> None:
     """Callback of the per-layer strip: the rollout ends at the clicked layer."""
     points = clicked_points(chart_key("ro_strip"))
     next_chart("ro_strip")
-    if points and "customdata" in points[0]:
-        last = int(points[0]["customdata"][1]) + 1
+    tile = clicked_tile(points, depth)
+    if tile is not None:
+        last = tile[1] + 1
         first = state.read("ro_layers", (1, depth))[0]
         st.session_state["ro_layers"] = (min(first, last), last)

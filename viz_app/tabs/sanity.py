@@ -73,7 +73,7 @@ def draw(ctx: Ctx) -> None:
                 "strict rule": "hit"
                 if bool(pointing_strict(heat[None], m[None].astype(bool), c.patch_size)[0])
                 else "miss",
-                "energy": round(float(energy(heat[None], pm)[0]), 2),
+                "energy": f"{float(energy(heat[None], pm)[0]):.2f}",
             }
         )
     left, right = st.columns([1, 1])
