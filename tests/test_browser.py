@@ -229,6 +229,8 @@ def test_gallery_scene_screenshots(page):
     b = view.bounding_box()
     view.click(position={"x": b["width"] * 0.5, "y": b["height"] * 0.5})
     wait_idle(page)
+    assert big_map_title(page).endswith(")")  # plotly has drawn the new charts
+    time.sleep(1.0)  # and their axes
     page.screenshot(path=str(ARTIFACTS / "readme_heads.png"))
     assert page.get_by_text("attention of patch (").count() >= 1
 
