@@ -209,6 +209,22 @@ def _distances(attn: Tensor, lm: LoadedModel) -> dict[str, Tensor]:
     }
 
 
+def rollout_options(config, settings: Settings) -> dict:
+    """attention_rollout's keywords for these settings (its layers counted from 0); the page's
+    rollout views and analyze_batch all take them from here."""
+    first, last = settings.layer_range(config.depth)
+    return dict(
+        num_prefix=config.num_prefix_tokens,
+        grid=config.grid,
+        readout_tokens=config.readout_tokens,
+        readout=settings.rollout_readout,
+        head_fusion=settings.rollout_fusion,
+        discard_ratio=settings.rollout_discard,
+        start=first - 1,
+        end=last - 1,
+    )
+
+
 def analyze_batch(lm: LoadedModel, fwd: Forward, settings: Settings) -> dict[str, np.ndarray]:
     """Every schema array for a batch, batch first, as numpy (report_json excepted).
 
@@ -217,18 +233,9 @@ def analyze_batch(lm: LoadedModel, fwd: Forward, settings: Settings) -> dict[str
     c = lm.config
     attn = fwd.attentions  # (B, L, H, T, T)
     kw = dict(num_prefix=c.num_prefix_tokens, grid=c.grid, readout_tokens=c.readout_tokens)
-    first, last = settings.layer_range(c.depth)
     out: dict[str, Tensor] = {
         "features": fwd.features,
-        "rollout": A.attention_rollout(
-            attn,
-            readout=settings.rollout_readout,
-            head_fusion=settings.rollout_fusion,
-            discard_ratio=settings.rollout_discard,
-            start=first - 1,
-            end=last - 1,
-            **kw,
-        ),
+        "rollout": A.attention_rollout(attn, **rollout_options(c, settings)),
         "readout_attention": A.attention_maps(attn, drop_prefix=settings.drop_prefix, **kw),
         **_distances(attn, lm),
         "attention_entropy": A.attention_entropy(attn),

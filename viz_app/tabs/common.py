@@ -121,27 +121,10 @@ def rollout_map(ctx: Ctx, s: report.Settings) -> np.ndarray:
     """The rollout (gh, gw) with the settings' fusion, discard ratio, read-out and layers (the
     cached one when they are the paper's)."""
     c = ctx.lm.config
-    first, last = s.layer_range(c.depth)
-    paper = report.Settings()
-    if (s.rollout_fusion, s.rollout_discard, s.rollout_readout, first, last) == (
-        paper.rollout_fusion,
-        paper.rollout_discard,
-        paper.rollout_readout,
-        1,
-        c.depth,
-    ):
+    options = report.rollout_options(c, s)
+    if options == report.rollout_options(c, report.Settings()):
         return ctx.result.rollout
-    heat = A.attention_rollout(
-        ctx.result.forward.attentions,
-        readout_tokens=c.readout_tokens,
-        readout=s.rollout_readout,
-        head_fusion=s.rollout_fusion,
-        discard_ratio=s.rollout_discard,
-        start=first - 1,
-        end=last - 1,
-        **ctx.kw,
-    )
-    return heat[0].numpy()
+    return A.attention_rollout(ctx.result.forward.attentions, **options)[0].numpy()
 
 
 def readout_choices(ctx: Ctx) -> list[str]:

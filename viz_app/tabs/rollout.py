@@ -7,7 +7,7 @@ import numpy as np
 import streamlit as st
 
 from viz_app import analysis as A
-from viz_app import figures
+from viz_app import figures, report
 from viz_app.tabs import state
 from viz_app.tabs.common import (
     NO_TOOLBAR,
@@ -88,14 +88,8 @@ def draw(ctx: Ctx) -> None:
             )
         else:
             st.info("Class-specific maps need a classifier head; this model has none.")
-    strip = A.rollout_per_layer(
-        r.forward.attentions,
-        readout_tokens=c.readout_tokens,
-        readout=s.rollout_readout,
-        head_fusion=s.rollout_fusion,
-        discard_ratio=s.rollout_discard,
-        **ctx.kw,
-    )[0].numpy()  # (L, gh, gw)
+    options = {k: v for k, v in report.rollout_options(c, s).items() if k not in ("start", "end")}
+    strip = A.rollout_per_layer(r.forward.attentions, **options)[0].numpy()  # (L, gh, gw), every layer
     tiles = strip / np.maximum(strip.max(axis=(1, 2), keepdims=True), 1e-12)
     st.markdown("**Rollout after each layer**, from layer 1 (each map from 0 to its own maximum)")
     st.plotly_chart(
