@@ -7,6 +7,7 @@ Streamlit caching that keeps these objects lives in viz_app/cache.py.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,14 +75,17 @@ class ImageResult:
     def token_norms(self) -> np.ndarray:  # (L+1, T)
         return self.arrays["token_norms"]
 
-    def report_arrays(self, lm: LoadedModel, settings: report.Settings, grad: np.ndarray | None = None) -> dict:
+    def report_arrays(
+        self, lm: LoadedModel, settings: report.Settings, grad: tuple[int, np.ndarray] | None = None
+    ) -> dict:
         """The report arrays for other settings, from the kept forward pass (no model run). The
-        gradient rollout needs its own backward pass: pass it in (the app caches it per class)."""
-        no_grad = report.Settings.from_dict({**settings.to_dict(), "grad_rollout": False, "grad_class": None})
+        gradient rollout needs its own backward pass: pass it in as (class, map) (the app caches
+        it per class)."""
+        no_grad = dataclasses.replace(settings, grad_rollout=False, grad_class=None)
         arrays = report.split(report.analyze_batch(lm, self.forward, no_grad), 0)
         if settings.grad_rollout and grad is not None:
-            arrays["grad_rollout"] = np.asarray(grad, np.float32)
-            cls = settings.grad_class if settings.grad_class is not None else int(arrays["top5_classes"][0])
+            cls, heat = grad
+            arrays["grad_rollout"] = np.asarray(heat, np.float32)
             arrays["grad_class"] = np.array(cls, np.int64)
         arrays["model_view"] = self.prepared.view
         return arrays

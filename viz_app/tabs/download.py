@@ -20,8 +20,8 @@ def build_report(ctx: Ctx, settings: report.Settings) -> report.Report:
     """The report of what the page shows now (the Rollout and Heads tabs' settings)."""
     grad = None
     if settings.grad_rollout:
-        cls = settings.grad_class if settings.grad_class is not None else ctx.result.top5[0][0]
-        grad = ctx.gradient_map(int(cls))
+        cls = int(settings.grad_class if settings.grad_class is not None else ctx.result.top5[0][0])
+        grad = (cls, ctx.gradient_map(cls))
     arrays = ctx.result.report_arrays(ctx.lm, settings, grad)
     image = {
         "name": ctx.image_name,
@@ -46,10 +46,12 @@ def _png(image: np.ndarray, **kw) -> bytes:
     return render.to_png(fig)
 
 
-def figures_png(ctx: Ctx, settings: report.Settings, arrays: dict) -> dict[str, tuple[str, bytes]]:
-    """file name -> (button label, PNG) for every map the page shows with these settings."""
+def figures_png(ctx: Ctx, rep: report.Report) -> dict[str, tuple[str, bytes]]:
+    """file name -> (button label, PNG) for every map the page shows, drawn from the report with
+    its settings and display (so the pictures and the report always agree)."""
     c = ctx.lm.config
-    opts = display_settings()
+    settings, arrays = rep.settings, rep.arrays
+    opts = {k: rep.display[k] for k in ("method", "cmap", "alpha")}
     first, last = settings.layer_range(c.depth)
     heat = arrays["rollout"]
     what = f"layers {first}-{last}, {settings.rollout_fusion} fusion, discard {settings.rollout_discard:.2f}"
@@ -77,8 +79,8 @@ def figures_png(ctx: Ctx, settings: report.Settings, arrays: dict) -> dict[str, 
             "Gradient rollout overlay",
             _png(overlay(ctx, g, opts), title=f"Gradient rollout for '{ctx.label(cls)}'", label="relevance", **gbar),
         )
-    layer, head = display_meta(ctx)["heads_layer"], display_meta(ctx)["heads_head"]
-    layer, head = min(max(layer, 1), c.depth), min(max(head, 1), c.num_heads)
+    layer = min(max(rep.display["heads_layer"], 1), c.depth)
+    head = min(max(rep.display["heads_head"], 1), c.num_heads)
     maps = arrays.get("query_attention", arrays["readout_attention"])
     who = "the read-out token" if settings.query_patch is None else f"patch {tuple(settings.query_patch)}"
     one = maps[layer - 1, head - 1]
@@ -157,7 +159,7 @@ def draw(ctx: Ctx) -> None:
     )
     st.markdown("**Figures** (PNG, at least 1024 px on the long side, with title and colour bar)")
     cols = st.columns(3)
-    for k, (name, (label, data)) in enumerate(figures_png(ctx, settings, rep.arrays).items()):
+    for k, (name, (label, data)) in enumerate(figures_png(ctx, rep).items()):
         cols[k % 3].download_button(label, data, file_name=name, mime="image/png", key=f"dl_{name}")
     with st.expander("What the report holds (keys, shapes, units, conventions)"):
         st.markdown(
