@@ -123,6 +123,7 @@ def test_unreadable_file_is_reported_and_skipped(tmp_path, hf_folder, images, ca
         ["analyze", "--model", "demo", "--batch-size", "0", "--out", "OUT", "IMG"],
         ["analyze", "--model", "demo", "--dtype", "fp64", "--out", "OUT", "IMG"],
         ["frobnicate"],
+        ["analyze", "--model", "demo", "--grad-class", "99", "--out", "OUT", "IMG"],  # the demo has 8 classes
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(tmp_path, images, argv, capsys):

@@ -267,8 +267,12 @@ def run_analyze(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     if settings.query_patch is not None and not all(0 <= v < n for v, n in zip(settings.query_patch, c.grid)):
         raise UsageError(f"--query-patch {settings.query_patch} is outside the {c.grid[0]}x{c.grid[1]} patch grid")
+    if settings.grad_class is not None and c.num_classes and not 0 <= settings.grad_class < c.num_classes:
+        raise UsageError(f"--grad-class {settings.grad_class} is outside the model's classes 0-{c.num_classes - 1}")
     # a model without a classifier has no class to explain: its reports say so by leaving grad_rollout out
-    no_grad_settings = dataclasses.replace(settings, grad_rollout=False, grad_class=None)
+    gradients = settings.grad_rollout and c.num_classes > 0
+    if not gradients:
+        settings = dataclasses.replace(settings, grad_rollout=False, grad_class=None)
     model_meta = report.model_meta(lm, str(args.model))
     skipped: list[dict] = []
     results: dict[str, dict] = {}
@@ -292,24 +296,22 @@ def run_analyze(args: argparse.Namespace) -> int:
                 skipped.append({"file": str(path), "reason": reason})
             if items:
                 pixels = torch.stack([it.prepared.pixels for it in items]).to(lm.device, lm.dtype)
-                if block is None and not settings.grad_rollout:  # one block for every batch's maps
+                if block is None and not gradients:  # one block for every batch's maps
                     size = min(args.batch_size, len(files))
                     block = lm.model.new_attention_block(size, device=lm.device, dtype=lm.dtype)
                 maps = None if block is None else block[:, : len(items)]
-                gradients = settings.grad_rollout and c.num_classes > 0
                 target = None
                 if gradients and settings.grad_class is not None:
                     target = torch.full((len(items),), settings.grad_class, dtype=torch.long)
                 fwd = run_forward(lm.model, pixels, gradients=gradients, target=target, attention_out=maps)
-                batch_settings = settings if gradients or not settings.grad_rollout else no_grad_settings
-                arrays = report.analyze_batch(lm, fwd, batch_settings)
+                arrays = report.analyze_batch(lm, fwd, settings)
                 reports = []
                 for b, it in enumerate(items):
                     # copies: an analysis may return a view of the block, which the next batch overwrites
                     one = report.split(arrays, b)
                     one["model_view"] = it.prepared.view
                     image = {"name": it.path.name, "original_size": list(it.prepared.original_size)}
-                    reports.append(report.Report(one, batch_settings, model_meta, image))
+                    reports.append(report.Report(one, settings, model_meta, image))
                     mad_all.append(one["mean_attention_distance"])
                     entry = {"file": str(it.path), "npz": f"{it.stem}.npz"}
                     if "top5_classes" in one:
