@@ -58,8 +58,13 @@ def init_state() -> None:
         sidebar.show_source("cmp", ss["compare_source"])
 
 
+def uploaded(source: str) -> tuple[str, bytes] | None:
+    """(file name, bytes) of the uploaded checkpoint an 'upload:<digest>' source names, if kept."""
+    return st.session_state["uploads"].get(source.removeprefix("upload:")) if source.startswith("upload:") else None
+
+
 def source_label(source: str) -> str:
-    upload = st.session_state["uploads"].get(source.removeprefix("upload:")) if source.startswith("upload:") else None
+    upload = uploaded(source)
     if source in PRETRAINED:
         return PRETRAINED[source].title
     if source == "demo":
@@ -69,10 +74,9 @@ def source_label(source: str) -> str:
 
 def load_model(source: str, device: str, dtype: str) -> tuple[LoadedModel | None, str]:
     """-> (model, '') or (None, why not)."""
-    upload = st.session_state["uploads"].get(source.removeprefix("upload:")) if source.startswith("upload:") else None
     with st.spinner(f"Loading {source_label(source)}..."):
         try:
-            return cache.get_model(source, device, dtype, upload), ""
+            return cache.get_model(source, device, dtype, uploaded(source)), ""
         except (ViTLensError, ValueError, OSError) as e:
             return None, str(e)
 

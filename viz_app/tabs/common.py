@@ -151,7 +151,7 @@ def display_options() -> dict:
     method = state.select(
         "Upsampling",
         render.UPSAMPLING,
-        "nearest",
+        state.DEFAULTS["ro_up"],
         key="ro_up",
         container=a,
         help="nearest: one flat block per patch (honest); bilinear: smooth; paper: the map as a blurred alpha mask",
@@ -159,13 +159,13 @@ def display_options() -> dict:
     cmap = state.select(
         "Colour map",
         colormaps.SEQUENTIAL,
-        colormaps.DEFAULT_SEQUENTIAL,
+        state.DEFAULTS["ro_cmap"],
         key="ro_cmap",
         container=b,
         help="sequential maps: 0 is the darkest colour",
     )
     with c:
-        alpha = state.slider("Opacity", 0.0, 1.0, 0.55, key="ro_alpha", step=0.05)
+        alpha = state.slider("Opacity", 0.0, 1.0, state.DEFAULTS["ro_alpha"], key="ro_alpha", step=0.05)
     return dict(method=method, cmap=cmap, alpha=alpha)
 
 

@@ -44,11 +44,16 @@ def query_selector(ctx: Ctx) -> int | None:
     c = ctx.lm.config
     gh, gw = c.grid
     mode = state.radio(
-        "Query", ["read-out token", "patch"], "read-out token", key="hd_query", horizontal=True, help="Whose attention"
+        "Query",
+        ["read-out token", "patch"],
+        state.DEFAULTS["hd_query"],
+        key="hd_query",
+        horizontal=True,
+        help="Whose attention",
     )
     a, b = st.columns(2)
-    row = state.number("Patch row", 0, gh - 1, 0, key="hd_row", container=a)
-    col = state.number("Patch column", 0, gw - 1, 0, key="hd_col", container=b)
+    row = state.number("Patch row", 0, gh - 1, state.DEFAULTS["hd_row"], key="hd_row", container=a)
+    col = state.number("Patch column", 0, gw - 1, state.DEFAULTS["hd_col"], key="hd_col", container=b)
     st.plotly_chart(
         figures.clickable_view(
             ctx.result.prepared.view,
@@ -73,7 +78,7 @@ def draw(ctx: Ctx) -> None:
     left, right = st.columns([1, 1.3])
     with left:
         query = query_selector(ctx)
-        drop = state.toggle("Drop prefix tokens and renormalize", False, key="hd_drop")
+        drop = state.toggle("Drop prefix tokens and renormalize", state.DEFAULTS["hd_drop"], key="hd_drop")
     marked = None
     if query is None:
         who = "the read-out token" if c.readout_tokens else "the mean of the patch tokens"
@@ -86,7 +91,9 @@ def draw(ctx: Ctx) -> None:
         a, b = st.columns([2, 1])
         with a:
             layer = state.slider("Layer", 1, c.depth, c.depth, key="hd_layer")
-        head = state.select("Head", list(range(1, c.num_heads + 1)), 1, key="hd_head", container=b)
+        head = state.select(
+            "Head", list(range(1, c.num_heads + 1)), state.DEFAULTS["hd_head"], key="hd_head", container=b
+        )
         st.plotly_chart(
             figures.patch_heatmap(
                 maps[layer - 1, head - 1],

@@ -28,14 +28,19 @@ def controls(ctx: Ctx) -> None:
     c = ctx.lm.config
     a, b, d = st.columns(3)
     state.select(
-        "Head fusion", ["mean", "max", "min"], "mean", key="ro_fusion", container=a, help="mean is the paper's choice"
+        "Head fusion",
+        list(report.FUSIONS),
+        state.DEFAULTS["ro_fusion"],
+        key="ro_fusion",
+        container=a,
+        help="mean is the paper's choice",
     )
     with b:
         state.slider(
             "Discard ratio",
             0.0,
             0.95,
-            0.0,
+            state.DEFAULTS["ro_discard"],
             key="ro_discard",
             step=0.05,
             help="zero this share of the lowest fused entries per layer (never the read-out token's own)",

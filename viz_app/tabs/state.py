@@ -19,6 +19,8 @@ from typing import Any
 
 import streamlit as st
 
+from viz_app import colormaps
+
 KEEP = dict(persist_state="session")
 
 # Every kept control: widget key (= URL parameter) -> the type of its value.
@@ -50,8 +52,8 @@ KEPT: dict[str, type] = {
     "dl_attentions": bool,
 }
 
-# Defaults of the values that more than one tab reads; a key's default where it is drawn
-# is the same.
+# Defaults of the values that more than one tab reads (and of the widgets that set them, which
+# take them from here); model-dependent ones (the last layer, all layers) are None.
 DEFAULTS: dict[str, Any] = {
     "ro_fusion": "mean",
     "ro_discard": 0.0,
@@ -59,7 +61,7 @@ DEFAULTS: dict[str, Any] = {
     "ro_layers": None,  # (first, last), 1-based; None = all layers
     "ro_class": None,  # class of the gradient rollout; None = top-1
     "ro_up": "nearest",
-    "ro_cmap": "inferno",
+    "ro_cmap": colormaps.DEFAULT_SEQUENTIAL,
     "ro_alpha": 0.55,
     "hd_query": "read-out token",
     "hd_row": 0,
