@@ -119,9 +119,13 @@ def figures_png(ctx: Ctx, rep: report.Report) -> dict[str, tuple[str, bytes]]:
     mad, mad_r = arrays["mean_attention_distance"], arrays["mean_attention_distance_renormalized"]
     ymax = max(1.0, float(max(mad.max(), mad_r.max()))) * 1.05
     share = arrays["prefix_mass_share"]
-    for name, values, conv in (("as_is", mad, "prefix mass as distance 0"), ("renormalized", mad_r, "renormalized")):
+    conventions = (
+        ("as_is", mad, "prefix mass as distance 0", "prefix as 0"),
+        ("renormalized", mad_r, "renormalized", "renormalized"),
+    )
+    for name, values, conv, short in conventions:
         img = render.mad_scatter_png(values, title=f"Mean attention distance ({conv})", prefix_share=share, ymax=ymax)
-        out[f"distance_{name}.png"] = (f"Attention distance ({conv})", render.to_png(img))
+        out[f"distance_{name}.png"] = (f"Attention distance ({short})", render.to_png(img))
     return out
 
 
@@ -158,9 +162,9 @@ def draw(ctx: Ctx) -> None:
         key="dl_json",
     )
     st.markdown("**Figures** (PNG, at least 1024 px on the long side, with title and colour bar)")
-    cols = st.columns(3)
+    cols = st.columns(2)  # two a row: the labels stay whole at 1024 px
     for k, (name, (label, data)) in enumerate(figures_png(ctx, rep).items()):
-        cols[k % 3].download_button(label, data, file_name=name, mime="image/png", key=f"dl_{name}")
+        cols[k % 2].download_button(label, data, file_name=name, mime="image/png", key=f"dl_{name}")
     with st.expander("What the report holds (keys, shapes, units, conventions)"):
         st.markdown(
             "The NPZ holds these arrays for this image plus `report_json` (the settings that produced them, "
