@@ -19,6 +19,8 @@ from torch import Tensor, nn
 from .config import ViTConfig
 from .linear import ACTIVATIONS, Linear
 
+HEAD_FILLS = ("zero", "mean")  # what an ablated head leaves (VisionTransformer.forward)
+
 
 @dataclass
 class ViTOutput:
@@ -86,12 +88,18 @@ class Attention(nn.Module):
         self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = Linear(dim, dim)
 
-    def forward(self, x: Tensor, attn_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, attn_out: Tensor | None = None, head_mask: Tensor | None = None, head_fill: str = "zero"
+    ) -> tuple[Tensor, Tensor]:
         """x: (B, T, C) -> (output (B, T, C), attention probabilities (B, H, T, T)).
 
         attn_out: a contiguous (B, H, T, T) tensor of the scores' dtype to write the
         probabilities into (no autograd), so that a caller can keep every layer's maps in one
         block of memory without a copy.
+        head_mask: (B, H) or (1, H) weights of each head's output before the projection: 1 keeps
+        the head, 0 removes it (see VisionTransformer.forward); the probabilities are returned
+        as computed. head_fill: what a removed head leaves, "zero" or "mean" (its output
+        averaged over the tokens of the same image).
         """
         B, T, C = x.shape
         H = self.num_heads
@@ -107,7 +115,12 @@ class Attention(nn.Module):
             attn = scores.softmax(dim=-1)  # the tensor the caller gets is the one the graph uses
             if attn_out is not None:
                 attn_out.copy_(attn)
-        out = torch.bmm(attn.view(B * H, T, T), v).view(B, H, T, C // H).transpose(1, 2).reshape(B, T, C)
+        out = torch.bmm(attn.view(B * H, T, T), v).view(B, H, T, C // H)
+        if head_mask is not None:
+            m = head_mask.to(out.dtype)[:, :, None, None]  # (B, H, 1, 1)
+            fill = out.mean(dim=2, keepdim=True) if head_fill == "mean" else None
+            out = out * m if fill is None else out * m + fill * (1 - m)
+        out = out.transpose(1, 2).reshape(B, T, C)
         return self.proj(out), attn
 
 
@@ -146,8 +159,10 @@ class Block(nn.Module):
         self.mlp = Mlp(dim=dim, hidden=config.mlp_dim, act=config.act)
         self.ls2 = LayerScale(dim) if config.layer_scale else nn.Identity()
 
-    def forward(self, x: Tensor, attn_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        y, attn = self.attn(self.norm1(x), attn_out)
+    def forward(
+        self, x: Tensor, attn_out: Tensor | None = None, head_mask: Tensor | None = None, head_fill: str = "zero"
+    ) -> tuple[Tensor, Tensor]:
+        y, attn = self.attn(self.norm1(x), attn_out, head_mask, head_fill)
         x = x + self.ls1(y)
         x = x + self.ls2(self.mlp(self.norm2(x)))
         return x, attn
@@ -195,8 +210,11 @@ class VisionTransformer(nn.Module):
                 t = torch.empty(p.shape).normal_(0.0, 0.02, generator=gen).clamp_(-0.04, 0.04)
                 p.copy_(t)
 
-    def embed(self, pixels: Tensor) -> Tensor:
-        """pixels (B, 3, H, W), normalized -> tokens (B, T, C) in [prefix, patches] order."""
+    def embed(self, pixels: Tensor, keep: Tensor | None = None) -> Tensor:
+        """pixels (B, 3, H, W), normalized -> tokens (B, T, C) in [prefix, patches] order.
+
+        keep: (B, K) patch indices (row-major, 0..N-1) to keep, after the position embeddings
+        are added; the prefix tokens are always kept, so T = P + K."""
         c = self.config
         B, _, Hh, Ww = pixels.shape
         if (Hh, Ww) != c.image_size:
@@ -209,6 +227,8 @@ class VisionTransformer(nn.Module):
         prefix = [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
         k = c.pos_embed_prefix
         x = x + self.pos_embed[:, k:]
+        if keep is not None:
+            x = x.gather(1, keep[:, :, None].expand(-1, -1, x.shape[-1]))  # (B, K, C)
         if prefix:
             pre = torch.cat(prefix, dim=1)  # (1, P, C)
             if k:
@@ -236,8 +256,23 @@ class VisionTransformer(nn.Module):
         output_token_norms: bool = False,
         output_tokens: bool = False,
         attention_out: Tensor | None = None,
+        keep: Tensor | None = None,
+        head_mask: Tensor | None = None,
+        head_fill: str = "zero",
     ) -> ViTOutput:
         """pixels: (B, 3, H, W) normalized. Attentions stay in the autograd graph when grad is on.
+
+        Causal probes, as arguments (values: nothing is stored on the model). Both None runs the
+        plain model, bit for bit.
+        keep: (K,) or (B, K) integer patch indices (row-major, 0..N-1, distinct) of the patches to
+        keep in the sequence; the others are dropped after the position embeddings are added,
+        the prefix tokens (class, distillation, registers) always stay. The maps are then
+        (B, H, P + K, P + K), token order [prefix, keep[0], keep[1], ...].
+        head_mask: (L, H) or (B, L, H) weight of each head's output before the block's output
+        projection: 1 keeps it, 0 removes it (head ablation). A removed head leaves zeros
+        (head_fill="zero") or its output averaged over the tokens of the same image ("mean",
+        a per-image mean ablation); the projection's bias is not any head's and stays. The maps
+        returned are those the heads compute, ablated or not.
 
         attention_out: an (L, B, H, T, T) tensor of the model's dtype and device, each layer's
         (B, H, T, T) slice contiguous and apart from the others, to write the maps into instead
@@ -245,7 +280,8 @@ class VisionTransformer(nn.Module):
         analysing many batches can reuse one block (new_attention_block): a fresh block of
         hundreds of MB costs a page fault per 4 KB every time it is allocated.
         """
-        x = self.embed(pixels)
+        keep, head_mask = self._probe_arguments(pixels, keep, head_mask, head_fill)
+        x = self.embed(pixels, keep)
         attentions = []
         norms = [x.norm(dim=-1)] if output_token_norms else None
         # Without autograd, every layer writes its maps into one (L, B, H, T, T) block, so that
@@ -255,7 +291,7 @@ class VisionTransformer(nn.Module):
         if attention_out is not None and not (plain and output_attentions):
             raise ValueError("attention_out is for runs with output_attentions, without autograd or autocast")
         if output_attentions and plain:
-            shape = self._attention_block_shape(x.shape[0])
+            shape = self._attention_block_shape(x.shape[0], x.shape[1])
             if attention_out is None:
                 stack = x.new_empty(shape)
             elif (
@@ -273,7 +309,8 @@ class VisionTransformer(nn.Module):
             else:
                 stack = attention_out
         for i, block in enumerate(self.blocks):
-            x, attn = block(x, None if stack is None else stack[i])
+            mask_i = None if head_mask is None else head_mask[:, i]
+            x, attn = block(x, None if stack is None else stack[i], mask_i, head_fill)
             if output_attentions:
                 attentions.append(attn)
             if norms is not None:
@@ -300,13 +337,59 @@ class VisionTransformer(nn.Module):
             tokens=x if output_tokens else None,
         )
 
-    def _attention_block_shape(self, batch: int) -> tuple[int, ...]:
+    def _probe_arguments(
+        self, pixels: Tensor, keep: Tensor | None, head_mask: Tensor | None, head_fill: str
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Check keep and head_mask (see forward) and bring both to a batch dimension."""
         c = self.config
-        return (c.depth, batch, c.num_heads, c.num_tokens, c.num_tokens)  # (L, B, H, T, T)
+        B = pixels.shape[0]
+        if keep is not None:
+            if keep.dtype not in (torch.int64, torch.int32) or keep.ndim not in (1, 2):
+                raise ValueError(
+                    f"keep must be (K,) or (B, K) integer patch indices, got {keep.dtype} {tuple(keep.shape)}"
+                )
+            keep = keep.to(device=pixels.device, dtype=torch.int64)
+            keep = keep.expand(B, -1) if keep.ndim == 1 else keep
+            if keep.shape[0] != B or keep.shape[1] > c.num_patches:
+                raise ValueError(f"keep {tuple(keep.shape)} does not fit a batch of {B} with {c.num_patches} patches")
+            if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= c.num_patches):
+                raise ValueError(f"keep indices must be in 0..{c.num_patches - 1}")
+            if keep.shape[1] > 1 and bool((keep.sort(dim=1).values.diff(dim=1) == 0).any()):
+                raise ValueError("keep indices must be distinct")
+            if keep.shape[1] < self.min_kept_patches:
+                raise ValueError(f"this model needs at least {self.min_kept_patches} patch(es) kept (it pools patches)")
+        if head_mask is not None:
+            want = (c.depth, c.num_heads)
+            if head_mask.ndim not in (2, 3) or tuple(head_mask.shape[-2:]) != want:
+                raise ValueError(f"head_mask must be (L, H) = {want} or (B, L, H), got {tuple(head_mask.shape)}")
+            head_mask = head_mask.to(pixels.device)
+            head_mask = head_mask[None] if head_mask.ndim == 2 else head_mask
+            if head_mask.shape[0] not in (1, B):
+                raise ValueError(f"head_mask batch {head_mask.shape[0]} does not match the input's {B}")
+        if head_fill not in HEAD_FILLS:
+            raise ValueError(f"head_fill must be one of {HEAD_FILLS}, got {head_fill!r}")
+        return keep, head_mask
 
-    def new_attention_block(self, batch: int, *, device=None, dtype=None) -> Tensor:
-        """An empty (L, B, H, T, T) block for forward(attention_out=...)."""
-        return torch.empty(self._attention_block_shape(batch), device=device, dtype=dtype or self.pos_embed.dtype)
+    @property
+    def min_kept_patches(self) -> int:
+        """The fewest patches forward(keep=...) accepts: 1 where the pooled feature averages
+        patches (or there is no prefix token), else 0."""
+        c = self.config
+        return 1 if c.global_pool in ("avg", "token_avg") or c.num_prefix_tokens == 0 else 0
+
+    def _attention_block_shape(self, batch: int, tokens: int | None = None) -> tuple[int, ...]:
+        c = self.config
+        T = c.num_tokens if tokens is None else tokens
+        return (c.depth, batch, c.num_heads, T, T)  # (L, B, H, T, T)
+
+    def new_attention_block(self, batch: int, *, device=None, dtype=None, tokens: int | None = None) -> Tensor:
+        """An empty (L, B, H, T, T) block for forward(attention_out=...); tokens: T when patches
+        are dropped (forward's keep), P + K."""
+        return torch.empty(
+            self._attention_block_shape(batch, tokens),
+            device=device or self.pos_embed.device,
+            dtype=dtype or self.pos_embed.dtype,
+        )
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -352,6 +435,7 @@ def sincos_2d_pos_embed(dim: int, grid: tuple[int, int], temperature: float = 10
 
 
 __all__ = [
+    "HEAD_FILLS",
     "Attention",
     "Block",
     "Mlp",

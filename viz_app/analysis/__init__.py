@@ -12,6 +12,7 @@ from .attention import (
     readout_rows,
 )
 from .distance import mean_attention_distance, patch_distances, prefix_mass_share
+from .faithfulness import curve_auc, mean_ci, removal_counts, removal_order, spearman, ssim
 from .filters import filter_pca
 from .posembed import (
     compare_position_embeddings,
@@ -30,19 +31,25 @@ __all__ = [
     "attention_rollout",
     "attention_to_patch",
     "compare_position_embeddings",
+    "curve_auc",
     "filter_pca",
     "fuse_heads",
     "gradient_rollout",
     "mass_threshold_mask",
     "mean_attention_distance",
+    "mean_ci",
     "neighbour_contrast",
     "patch_distances",
     "position_similarity",
     "prefix_mass_share",
     "readout_rows",
+    "removal_counts",
+    "removal_order",
     "rollout_per_layer",
     "similarity_by_offset",
     "similarity_decay",
     "similarity_tiles",
+    "spearman",
+    "ssim",
     "token_norm_outliers",
 ]

@@ -50,6 +50,13 @@ KEPT: dict[str, type] = {
     "cmp_method": str,
     "cmp_grid": str,
     "dl_attentions": bool,
+    "fa_mode": str,  # Faithfulness: removal mode, drop | pixels
+    "fa_steps": int,  # Faithfulness: steps of each curve
+    "pr_ablate": tuple,  # Probes: removed heads, flat (layer, head) pairs counted from 1
+    "pr_fill": str,  # Probes: what a removed head leaves, zero | mean
+    "pr_drop": tuple,  # Probes: dropped patches, row-major indices
+    "pr_keep_top": float,  # Probes: share of patches kept from the top of the map (1 = all)
+    "sn_kind": str,  # Sanity: cascade | independent randomization
 }
 
 # Defaults of the values that more than one tab reads (and of the widgets that set them, which
@@ -70,6 +77,13 @@ DEFAULTS: dict[str, Any] = {
     "hd_head": 1,  # 1-based
     "hd_drop": False,
     "md_conv": "as_is",
+    "fa_mode": "drop",
+    "fa_steps": 10,
+    "pr_ablate": (),
+    "pr_fill": "zero",
+    "pr_drop": (),
+    "pr_keep_top": 1.0,
+    "sn_kind": "cascade",
 }
 
 
