@@ -1,7 +1,18 @@
 """The page's tabs, one module each: a tab's controls, state and drawing in one place. Each module
 has `draw(ctx)`; viz_app/page.py lays them out in TABS order."""
 
-from viz_app.tabs import compare, distance, download, embeddings, heads, overview, rollout, sanity
+from viz_app.tabs import (
+    compare,
+    distance,
+    download,
+    embeddings,
+    faithfulness,
+    heads,
+    overview,
+    probes,
+    rollout,
+    sanity,
+)
 
 # tab label -> module; short labels so that every tab fits a 1024 px wide window
 TABS = {
@@ -13,4 +24,6 @@ TABS = {
     "Compare": compare,
     "Download": download,
     "Sanity check": sanity,
+    "Faithfulness": faithfulness,
+    "Probes": probes,
 }
