@@ -356,7 +356,9 @@ class VisionTransformer(nn.Module):
                 raise ValueError(f"keep indices must be in 0..{c.num_patches - 1}")
             if keep.shape[1] > 1 and bool((keep.sort(dim=1).values.diff(dim=1) == 0).any()):
                 raise ValueError("keep indices must be distinct")
-            if keep.shape[1] < self.min_kept_patches:
+            if keep.shape[1] == c.num_patches and bool((keep == torch.arange(c.num_patches, device=keep.device)).all()):
+                keep = None  # every patch in order: the plain path, bit for bit
+            elif keep.shape[1] < self.min_kept_patches:
                 raise ValueError(f"this model needs at least {self.min_kept_patches} patch(es) kept (it pools patches)")
         if head_mask is not None:
             want = (c.depth, c.num_heads)
