@@ -1,15 +1,32 @@
-"""Sanity check (demo model): on a generated scene whose target mask is known, where each map
-points, by the loose and the strict pointing rule, and the model's scores on fresh scenes."""
+"""Sanity checks. For any model: cascading (and independent) model randomization (Adebayo et al.
+2018): the model's parts are re-initialized from the top down and every map is recomputed; a map
+that barely changes explains the image rather than the model (viz_app/probes.py; docs/DEFINITIONS.md,
+'Model randomization'). For the demo model: on a generated scene whose target mask is known, where
+each map points, by the loose and the strict pointing rule, and the model's scores on fresh scenes."""
 
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
+import plotly.graph_objects as go
 import streamlit as st
+import torch
 
 from viz_app import analysis as A
+from viz_app import figures, probes, report
+from viz_app.analysis.faithfulness import minmax
 from viz_app.demo.evaluate import POINTING_RULES, energy, patch_masks, pointing, pointing_strict
-from viz_app.tabs.common import Ctx
+from viz_app.tabs import faithfulness, state
+from viz_app.tabs.common import Ctx, rollout_settings
+
+MAX_RUNS = 8  # cached randomization runs (per model, image and settings)
+KINDS = {
+    "cascade": "Cascade from the top (head, then blocks L..1, then the embedding)",
+    "independent": "Each part alone",
+}
+BARELY = 0.8  # Spearman above this after every block is re-initialized: the map barely changed
 
 
 def scores_text(scores: dict) -> str:
@@ -29,11 +46,18 @@ def scores_text(scores: dict) -> str:
 
 
 def draw(ctx: Ctx) -> None:
+    randomization_section(ctx)
+    st.divider()
+    pointing_section(ctx)
+
+
+def pointing_section(ctx: Ctx) -> None:
     c = ctx.lm.config
     mask, scores = ctx.scene_mask, ctx.demo_scores
+    st.markdown("#### Pointing game (demo model)")
     if ctx.source != "demo":
         st.info(
-            "The sanity check needs ground truth: it runs with the embedded demo model on its generated scenes, "
+            "The pointing game needs ground truth: it runs with the embedded demo model on its generated scenes, "
             "whose target masks are known. Choose 'Embedded demo' in the sidebar."
         )
         return
@@ -88,3 +112,188 @@ def draw(ctx: Ctx) -> None:
         "pixel lies inside the target. Energy: the map's mass inside the target divided by the target's share "
         "of the image (1 = chance)."
     )
+
+
+# ---- model randomization (any model) -------------------------------------------------------------
+
+
+@st.cache_resource(max_entries=MAX_RUNS, show_spinner=False)
+def _slot(key: tuple) -> dict:
+    """One cache entry per (model, device, precision, image, settings): filled once by the run
+    that computes it (outside the cached function, so that its progress bar is not replayed),
+    then only read. Holds numpy results, never a model."""
+    return {}
+
+
+def run_key(ctx: Ctx, kind: str) -> tuple:
+    c = ctx.lm.config
+    options = report.rollout_options(c, rollout_settings(ctx))
+    return (
+        "randomization",
+        ctx.source,
+        str(ctx.lm.device),
+        str(ctx.lm.dtype),
+        ctx.image_digest,
+        kind,
+        tuple(sorted(options.items())),
+        faithfulness.chosen_head(ctx),
+        faithfulness.chosen_class(ctx),
+    )
+
+
+def run_randomization(ctx: Ctx, kind: str, progress=None) -> probes.Randomization:
+    """probes.randomization on this image with the Rollout tab's settings, the Rollout tab's class
+    and the Heads tab's head (the maps of the Faithfulness tab)."""
+    lm = ctx.lm
+    options = report.rollout_options(lm.config, rollout_settings(ctx))
+    head = faithfulness.chosen_head(ctx)
+    cls = faithfulness.chosen_class(ctx)
+    pixels = ctx.result.prepared.pixels[None].to(lm.device, lm.dtype)
+    return probes.randomization(
+        lm.model,
+        pixels,
+        lambda fwd: probes.attribution_maps(lm, fwd, options, head=head),
+        kind=kind,
+        target=None if cls is None else torch.tensor([cls]),
+        gradients=cls is not None,
+        progress=progress,
+    )
+
+
+def _finite(values: np.ndarray) -> list:
+    return [None if not math.isfinite(float(v)) else float(v) for v in values]
+
+
+def similarity_figure(rnd: probes.Randomization, which: str) -> go.Figure:
+    """Spearman or SSIM of each map with the original model's, per step."""
+    values = rnd.spearman if which == "spearman" else rnd.ssim
+    data = [
+        dict(
+            type="scatter",
+            x=list(rnd.labels),
+            y=_finite(v[:, 0]),
+            mode="lines+markers",
+            name=probes.label(name),
+            line=dict(color=faithfulness.colour(name), width=2),
+            marker=dict(size=6),
+        )
+        for name, v in values.items()
+    ]
+    title = "Spearman rank correlation with the original map" if which == "spearman" else "SSIM with the original map"
+    layout = dict(
+        title=dict(text=title, font=dict(size=13)),
+        xaxis=dict(
+            title=dict(text="re-initialized" if rnd.kind == "independent" else "re-initialized down to"),
+            type="category",
+            tickangle=-45,
+        ),
+        yaxis=dict(title=dict(text="Spearman" if which == "spearman" else "SSIM"), range=[-1.05, 1.05]),
+        height=420,
+        margin=dict(l=10, r=10, t=40, b=10),
+        legend=dict(orientation="h", yanchor="top", y=-0.35, xanchor="left", x=0),
+    )
+    return go.Figure(dict(data=data, layout=layout), _validate=False)
+
+
+def strip_figure(rnd: probes.Randomization) -> go.Figure:
+    """Maps as rows, steps as columns, each tile from its own minimum to its maximum."""
+    names = list(rnd.maps)
+    tiles = np.stack([minmax(rnd.maps[k][:, 0]) for k in names])  # (R, S, gh, gw)
+    return figures.tile_figure(
+        tiles,
+        row_name="",
+        col_name="re-initialized" if rnd.kind == "independent" else "re-initialized down to",
+        row_labels=[probes.label(k) for k in names],
+        col_labels=list(rnd.labels),
+        colorbar_title="share of each map's range",
+        height=int(150 + len(names) * max(50, 700 / max(len(rnd.labels), 1))),
+    )
+
+
+def randomization_sentence(rnd: probes.Randomization) -> str:
+    """Which maps barely change when the weights are destroyed."""
+    names = list(rnd.spearman)
+    if rnd.kind == "cascade":
+        # the step after which the head and every block are re-initialized
+        step = rnd.labels.index("block 1") if "block 1" in rnd.labels else len(rnd.labels) - 1
+        found = {k: float(rnd.spearman[k][step, 0]) for k in names}
+        where = "once the head and every block are re-initialized"
+    else:
+        blocks = [i for i, lab in enumerate(rnd.labels) if lab.startswith("block ")]
+        found = {k: float(np.nanmin(rnd.spearman[k][blocks, 0])) for k in names}
+        where = "for the block whose re-initialization changes it most"
+    listed = ", ".join(f"{probes.label(k)} {v:.2f}" for k, v in found.items())
+    barely = [probes.label(k) for k, v in found.items() if v > BARELY]
+    text = f"Spearman with the original map {where}: {listed}."
+    if barely:
+        text += (
+            f" {', '.join(barely)} barely change{'s' if len(barely) == 1 else ''} (Spearman above {BARELY}): "
+            "such a map explains the image rather than the model."
+        )
+    else:
+        text += f" No map keeps a Spearman above {BARELY}: every map depends on the weights, as it should."
+    return text
+
+
+def randomization_section(ctx: Ctx) -> None:
+    c = ctx.lm.config
+    st.markdown("#### Model randomization (Adebayo et al. 2018)")
+    kind = state.radio(
+        "Re-initialize",
+        list(KINDS),
+        state.DEFAULTS["sn_kind"],
+        key="sn_kind",
+        horizontal=True,
+        format_func=lambda k: KINDS[k],
+        help="cascade: each step keeps the parts re-initialized before it; each part alone: one part at a time",
+    )
+    layer, head = faithfulness.chosen_head(ctx)
+    cls = faithfulness.chosen_class(ctx)
+    st.caption(
+        "The model's parts are re-initialized by its own init rules, and the maps of the Faithfulness tab (rollout "
+        f"with the Rollout tab's settings{', gradient rollout for ' + repr(ctx.label(cls)) if cls is not None else ''}"
+        f", the last layer's mean of heads, layer {layer} head {head}) are recomputed and compared with the "
+        "original model's by Spearman rank correlation and SSIM. A map that barely changes when the weights "
+        "are destroyed explains the image, not the model. The cached model is never changed: each step runs a "
+        "new model that shares the untouched weights. Data randomization (retraining on shuffled labels) is out "
+        "of scope: it needs training."
+    )
+    box = _slot(run_key(ctx, kind))
+    if "run" not in box:
+        steps = c.depth + 3
+        if not st.button(
+            "Run randomization",
+            key="sn_run",
+            help=f"{steps} forward{' and backward' if cls is not None else ''} passes of this image",
+        ):
+            st.info(f"Press 'Run randomization' ({steps} passes of this model through the image).")
+            return
+        bar = st.progress(0.0, text="Re-initializing and recomputing the maps...")
+        try:
+            found = run_randomization(ctx, kind, progress=lambda f: bar.progress(min(1.0, float(f))))
+        except (ValueError, RuntimeError) as e:
+            bar.empty()
+            st.error(f"The randomization could not run: {e}")
+            return
+        bar.empty()
+        box["run"] = found
+    rnd: probes.Randomization = box["run"]
+    st.markdown(randomization_sentence(rnd))
+    st.plotly_chart(strip_figure(rnd), key="sn_strip", config={"displayModeBar": False})
+    st.caption(
+        "Rows: the maps; columns: the steps, from the original model. Each tile from its minimum to its maximum."
+    )
+    left, right = st.columns(2)
+    with left:
+        st.plotly_chart(similarity_figure(rnd, "spearman"), key="sn_spearman")
+    with right:
+        st.plotly_chart(similarity_figure(rnd, "ssim"), key="sn_ssim")
+    st.caption(
+        "Spearman: rank correlation of the patches' values (1 = the same order); SSIM of the maps scaled to [0, 1] "
+        "(7 x 7 window). Full definitions: docs/DEFINITIONS.md, 'Model randomization'."
+    )
+    if ctx.source == "demo":
+        st.caption(
+            "The demo scores' 're-initialized rollout' baseline (reinit_rollout, below) is one case of this: the "
+            "whole model re-initialized, as at the cascade's last step (with another seed)."
+        )
