@@ -3,7 +3,8 @@
 `vit-lens analyze --model SOURCE --out DIR IMAGE_OR_DIR ...` is the batch analysis. Exit codes:
 0 all images analysed; 1 some were skipped (each reported); 2 bad arguments or a model that cannot
 be loaded (one line on stderr). The other subcommands hand their arguments to their own modules:
-`app` (viz_app/app.py), `demo-train`, `demo-evaluate` and `demo-gallery` (viz_app/demo/).
+`app` (viz_app/app.py), `evaluate` (viz_app/evaluate.py), `demo-train`, `demo-evaluate` and
+`demo-gallery` (viz_app/demo/).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ PROG = "vit-lens"
 # subcommand -> (module with a main(argv) -> int, help); their arguments are parsed there
 DELEGATED = {
     "app": ("viz_app.app", "start the web app on 127.0.0.1 (arguments go to `streamlit run`)"),
+    "evaluate": ("viz_app.evaluate", "faithfulness curves and randomization checks of every map over a dataset"),
     "demo-train": ("viz_app.demo.train", "train the embedded demo model from scratch"),
     "demo-evaluate": ("viz_app.demo.evaluate", "score a model on generated shape scenes"),
     "demo-gallery": ("viz_app.demo.gallery", "write the demo model's test scenes and masks"),
