@@ -95,7 +95,7 @@ def legend_aucs(spec: dict) -> dict[str, float]:
 def shown(at: AppTest) -> dict:
     """Everything the Faithfulness tab shows as numbers: legend AUCs, table, curves."""
     charts = curve_charts(at)
-    table = at.dataframe[0].value
+    table = at.table[0].value.astype(float).reset_index()
     return {
         "legend": {d: legend_aucs(charts[d]) for d in DIRECTIONS},
         "curves": {
@@ -152,12 +152,11 @@ def assert_shows(seen: dict, curves: probes.Curves) -> None:
         for d in DIRECTIONS:
             auc = float(curves.auc((name, d))[0])
             assert seen["legend"][d][label] == pytest.approx(auc, abs=5e-4 + 1e-9), (label, d)
-            what = "probability" if classifier else "cosine"
-            assert table.loc[label, f"{d} AUC ({what})"] == pytest.approx(auc, abs=5e-4 + 1e-9), (label, d)
+            assert table.loc[label, f"{d} AUC"] == pytest.approx(auc, abs=5e-4 + 1e-9), (label, d)
             np.testing.assert_allclose(seen["curves"][d][label], curves.scores[(name, d)][0], atol=1e-6)
             if classifier:
                 agree = float(curves.auc_agree((name, d))[0])
-                assert table.loc[label, f"{d} AUC (top-1 agreement)"] == pytest.approx(agree, abs=5e-4 + 1e-9)
+                assert table.loc[label, f"{d} AUC, top-1"] == pytest.approx(agree, abs=5e-4 + 1e-9)
 
 
 def demo_tab(name: str = SCENE) -> AppTest:
@@ -282,7 +281,7 @@ def test_randomization_shows_the_spearman_of_probes_randomization(demo):
     )
     assert [t["name"] for t in spec["data"]] == [probes.label(k) for k in rnd.spearman]
     for trace, (name, values) in zip(spec["data"], rnd.spearman.items()):
-        assert trace["x"] == list(rnd.labels)
+        assert trace["text"] == list(rnd.labels)
         np.testing.assert_allclose(decode(trace["y"]), values[:, 0], atol=1e-9, err_msg=name)
     assert spec["layout"]["yaxis"]["range"][0] <= -1 and spec["layout"]["yaxis"]["range"][1] >= 1
     text = " ".join(m.value for m in at.markdown)
@@ -327,15 +326,18 @@ def test_the_sentence_names_the_favoured_map_and_a_negative_margin_honestly():
     text = faithfulness.favoured_sentence(good, "deletion", "star")
     auc_r, auc_rnd = float(good.auc(("rollout", "deletion"))[0]), float(good.auc(("random", "deletion"))[0])
     assert text.startswith("Deletion favours rollout: removing its top patches first drops the probability of 'star'")
-    assert f"AUC {auc_r:.2f} against {auc_rnd:.2f} for random order, a margin of {auc_rnd - auc_r:.2f}" in text
+    assert f"AUC {auc_r:.3f} against {auc_rnd:.3f} for random order, a margin of {auc_rnd - auc_r:.3f}" in text
     assert "negative" not in text
     bad = hand_curves({"rollout": [1, 0.95, 0.9, 0.8, 0], "random": [1, 0.5, 0.3, 0.1, 0]})
     text = faithfulness.favoured_sentence(bad, "deletion", "star")
     assert "a margin of -" in text and "does worse than removing patches in a random order" in text
+    flat = hand_curves({"rollout": [1, 1, 1, 1, 0], "last_layer": [1, 1, 1, 1, 0], "random": [1, 1, 1, 0.5, 0]})
+    text = faithfulness.favoured_sentence(flat, "deletion", "star")
+    assert text.startswith("Deletion does not tell the maps apart on this image: every map's AUC is 0.875")
     rows = list(csv.DictReader(io.StringIO(faithfulness.curves_csv(good).decode())))
     assert len(rows) == 2 * 2 * 5
     first = [r for r in rows if r["map"] == "rollout" and r["direction"] == "deletion"]
     assert [float(r["probability"]) for r in first] == [1, 0.2, 0.1, 0, 0]
     assert [float(r["top1_agreement"]) for r in first] == [1, 0, 0, 0, 0]
     table = faithfulness.auc_table(good).set_index("map")
-    assert table.loc["rollout", "deletion AUC (probability)"] == round(auc_r, 3)
+    assert table.loc["rollout", "deletion AUC"] == round(auc_r, 3)

@@ -41,8 +41,8 @@ MODE_HELP = (
     "numbers use."
 )
 DIRECTION_TITLES = {
-    "deletion": "Deletion: most relevant patches removed first (lower AUC = more faithful)",
-    "insertion": "Insertion-like: least relevant patches removed first (higher AUC = more faithful)",
+    "deletion": "Deletion: most relevant removed first",
+    "insertion": "Insertion-like: least relevant removed first",
 }
 # explicit rgb strings (never hex: Streamlit's theme rewrites #000001-#000040)
 COLOURS = {
@@ -290,18 +290,17 @@ def curve_figure(curves: probes.Curves, direction: str, *, class_name: str | Non
 
 
 def auc_table(curves: probes.Curves) -> pd.DataFrame:
-    """One row per map: AUC of the score and of the top-1 agreement, both directions (3 decimals,
-    as shown)."""
+    """One row per map: AUC of the score ('deletion AUC') and of the top-1 agreement ('deletion
+    AUC, top-1'), both directions (3 decimals, as shown)."""
     rows = []
     for name in curves.maps:
         row = {"map": map_name(name)}
         for d in DIRECTIONS:
             if (name, d) not in curves.scores:
                 continue
-            what = "probability" if curves.agree is not None else "cosine"
-            row[f"{d} AUC ({what})"] = round(float(curves.auc((name, d))[0]), 3)
+            row[f"{d} AUC"] = round(float(curves.auc((name, d))[0]), 3)
             if curves.agree is not None:
-                row[f"{d} AUC (top-1 agreement)"] = round(float(curves.auc_agree((name, d))[0]), 3)
+                row[f"{d} AUC, top-1"] = round(float(curves.auc_agree((name, d))[0]), 3)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -327,21 +326,28 @@ def curves_csv(curves: probes.Curves) -> bytes:
 
 
 def favoured_sentence(curves: probes.Curves, direction: str, class_name: str | None) -> str:
-    """Which map the curves favour for this image, and its margin against random order."""
+    """Which map the curves favour for this image, and its margin against random order (AUCs with
+    3 decimals, as in the table)."""
     f = probes.favoured(curves, direction)
     best, auc, margin = map_name(f["map"]), f["auc"], f["margin_vs_random"]
     what = f"the probability of '{class_name}'" if class_name else "the similarity to the unperturbed features"
+    rnd = None if margin is None else float(curves.auc((probes.RANDOM, direction))[0])
+    against = "" if rnd is None else f" (random order {rnd:.3f})"
+    ties = [map_name(k) for k, v in f["aucs"].items() if k != f["map"] and abs(v - auc) < 5e-4]
+    if ties and len(ties) == len(f["aucs"]) - 1:
+        return (
+            f"{direction.capitalize()} does not tell the maps apart on this image: every map's AUC is "
+            f"{auc:.3f}{against}."
+        )
     if direction == "deletion":
         head = f"Deletion favours {best}: removing its top patches first drops {what} fastest"
     else:
         head = f"Insertion favours {best}: removing its least relevant patches first keeps {what} highest"
-    ties = [map_name(k) for k, v in f["aucs"].items() if k != f["map"] and abs(v - auc) < 5e-4]
     if ties:
-        head += f", tied with {', '.join(ties)}"
-    if margin is None:
-        return f"{head} (AUC {auc:.2f})."
-    rnd = float(curves.auc((probes.RANDOM, direction))[0])
-    text = f"{head} (AUC {auc:.2f} against {rnd:.2f} for random order, a margin of {margin:.2f})."
+        head += " (tied with " + " and ".join(f"'{t}'" for t in ties) + ")"
+    if rnd is None:
+        return f"{head} (AUC {auc:.3f})."
+    text = f"{head} (AUC {auc:.3f} against {rnd:.3f} for random order, a margin of {margin:.3f})."
     if margin < 0:
         text += (
             " The margin is negative: even the best map does worse than removing patches in a random "
@@ -414,6 +420,10 @@ def draw(ctx: Ctx) -> None:
     for col, d in zip(cols, DIRECTIONS):
         with col:
             st.plotly_chart(curve_figure(curves, d, class_name=class_name), key=f"fa_plot_{d}")
+    st.caption(
+        "Deletion: a lower AUC is more faithful (the score falls as soon as the map's top patches are gone). "
+        "Insertion-like: a higher AUC is more faithful (the patches the map ranks lowest can go). Dashed: baselines."
+    )
     if curves.agree is None:
         st.caption(f"No classifier: each curve follows the {curves.score_name} to the unperturbed image's.")
     for d in DIRECTIONS:
@@ -421,15 +431,17 @@ def draw(ctx: Ctx) -> None:
     st.caption(
         f"Removal mode: {MODE_SHORT[setup.mode]}. {curves.steps} steps of "
         f"{c.num_patches / curves.steps:.1f} patches ({curves.forwards} inputs through the model). Random order: "
-        "the mean curve of 3 seeded random orders. Dashed: baselines."
+        "the mean curve of 3 seeded random orders."
     )
-    st.markdown("**Area under each curve**")
-    st.dataframe(auc_table(curves), hide_index=True, width="stretch")
+    st.markdown("**Area under each curve** (deletion: lower is more faithful; insertion-like: higher is)")
+    # a static table: its headers wrap, so every column stays in view at 1024 px
+    st.table(auc_table(curves).set_index("map").map(lambda v: f"{v:.3f}"))
     st.caption(
         "Protocol: RISE deletion/insertion AUC (Petsiuk et al. 2018), the trapezoid rule over the removed share "
         "in [0, 1], so a probability curve gives an AUC in [0, 1]; deletion is Chefer et al.'s (CVPR 2021) "
         "positive perturbation, insertion-like their negative perturbation (least relevant removed first). "
-        "Top-1 agreement: whether the top-1 class is still the unperturbed one. "
+        "'AUC': of the score curve; 'AUC, top-1': of the top-1 agreement (1 while the top-1 class is still the "
+        "unperturbed one). "
         "Full definition: docs/DEFINITIONS.md, 'Faithfulness (perturbation) curves'."
     )
     st.download_button(

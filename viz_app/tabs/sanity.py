@@ -15,7 +15,7 @@ import streamlit as st
 import torch
 
 from viz_app import analysis as A
-from viz_app import figures, probes, report
+from viz_app import colormaps, probes, report
 from viz_app.analysis.faithfulness import minmax
 from viz_app.demo.evaluate import POINTING_RULES, energy, patch_masks, pointing, pointing_strict
 from viz_app.tabs import faithfulness, state
@@ -164,50 +164,99 @@ def _finite(values: np.ndarray) -> list:
     return [None if not math.isfinite(float(v)) else float(v) for v in values]
 
 
+def short_label(step: str) -> str:
+    """A step's tick label: 'orig.', 'head', the block's number, 'emb.' (the axis title says what
+    they are)."""
+    if step.startswith("block "):
+        return step[len("block ") :]
+    return {"original": "orig.", "embedding": "emb."}.get(step, step)
+
+
+def steps_title(kind: str) -> str:
+    if kind == "independent":
+        return "re-initialized alone: the head, block n, the embedding"
+    return "re-initialized from the top down to: the head, block n, the embedding"
+
+
 def similarity_figure(rnd: probes.Randomization, which: str) -> go.Figure:
     """Spearman or SSIM of each map with the original model's, per step."""
     values = rnd.spearman if which == "spearman" else rnd.ssim
     data = [
         dict(
             type="scatter",
-            x=list(rnd.labels),
+            x=[short_label(lab) for lab in rnd.labels],
             y=_finite(v[:, 0]),
+            text=list(rnd.labels),
             mode="lines+markers",
             name=probes.label(name),
             line=dict(color=faithfulness.colour(name), width=2),
             marker=dict(size=6),
+            hovertemplate=f"{probes.label(name)}<br>%{{text}}<br>%{{y:.3f}}<extra></extra>",
         )
         for name, v in values.items()
     ]
-    title = "Spearman rank correlation with the original map" if which == "spearman" else "SSIM with the original map"
+    title = "Spearman with the original map" if which == "spearman" else "SSIM with the original map"
     layout = dict(
         title=dict(text=title, font=dict(size=13)),
         xaxis=dict(
-            title=dict(text="re-initialized" if rnd.kind == "independent" else "re-initialized down to"),
+            title=dict(text="re-initialized alone" if rnd.kind == "independent" else "re-initialized down to"),
             type="category",
-            tickangle=-45,
         ),
-        yaxis=dict(title=dict(text="Spearman" if which == "spearman" else "SSIM"), range=[-1.05, 1.05]),
+        yaxis=dict(
+            title=dict(text="Spearman rank correlation" if which == "spearman" else "SSIM"), range=[-1.05, 1.05]
+        ),
         height=420,
         margin=dict(l=10, r=10, t=40, b=10),
-        legend=dict(orientation="h", yanchor="top", y=-0.35, xanchor="left", x=0),
+        legend=dict(orientation="h", yanchor="top", y=-0.25, xanchor="left", x=0),
     )
     return go.Figure(dict(data=data, layout=layout), _validate=False)
 
 
 def strip_figure(rnd: probes.Randomization) -> go.Figure:
-    """Maps as rows, steps as columns, each tile from its own minimum to its maximum."""
+    """Maps as rows, steps as columns, each tile from its own minimum (darkest) to its maximum."""
     names = list(rnd.maps)
     tiles = np.stack([minmax(rnd.maps[k][:, 0]) for k in names])  # (R, S, gh, gw)
-    return figures.tile_figure(
-        tiles,
-        row_name="",
-        col_name="re-initialized" if rnd.kind == "independent" else "re-initialized down to",
-        row_labels=[probes.label(k) for k in names],
-        col_labels=list(rnd.labels),
-        colorbar_title="share of each map's range",
-        height=int(150 + len(names) * max(50, 700 / max(len(rnd.labels), 1))),
+    R, S, h, w = tiles.shape
+    gap = max(1, round(max(h, w) / 8))
+    cells = np.full((R, h + gap, S, w + gap), np.nan)
+    cells[:, :h, :, :w] = tiles.transpose(0, 2, 1, 3)
+    big = cells.reshape(R * (h + gap), S * (w + gap))[:-gap, :-gap]
+    who = np.full(big.shape, "", dtype=object)  # hover: which map, which step
+    for r, name in enumerate(names):
+        for s_, lab in enumerate(rnd.labels):
+            who[r * (h + gap) : r * (h + gap) + h, s_ * (w + gap) : s_ * (w + gap) + w] = f"{probes.label(name)}, {lab}"
+    cmap = colormaps.get(colormaps.DEFAULT_SEQUENTIAL)
+    heat = dict(
+        type="heatmap",
+        z=big,
+        text=who,
+        zmin=0.0,
+        zmax=1.0,
+        colorscale=cmap.plotly_scale(),
+        colorbar=dict(title=dict(text="share of the map's range", side="right"), thickness=12),
+        hovertemplate="%{text}<br>%{z:.2f} of the range<extra></extra>",
     )
+    axis = dict(showgrid=False, zeroline=False, constrain="domain", ticks="")
+    layout = dict(
+        height=int(90 + R * 80),
+        margin=dict(l=10, r=10, t=50, b=10),
+        dragmode=False,
+        xaxis=dict(
+            tickvals=np.arange(S) * (w + gap) + (w - 1) / 2,
+            ticktext=[short_label(lab) for lab in rnd.labels],
+            title=dict(text=steps_title(rnd.kind), font=dict(size=11)),
+            side="top",
+            **axis,
+        ),
+        yaxis=dict(
+            tickvals=np.arange(R) * (h + gap) + (h - 1) / 2,
+            ticktext=[probes.label(k) for k in names],
+            autorange="reversed",
+            scaleanchor="x",
+            **axis,
+        ),
+    )
+    return go.Figure(dict(data=[heat], layout=layout), _validate=False)
 
 
 def randomization_sentence(rnd: probes.Randomization) -> str:
@@ -281,7 +330,9 @@ def randomization_section(ctx: Ctx) -> None:
     st.markdown(randomization_sentence(rnd))
     st.plotly_chart(strip_figure(rnd), key="sn_strip", config={"displayModeBar": False})
     st.caption(
-        "Rows: the maps; columns: the steps, from the original model. Each tile from its minimum to its maximum."
+        f"Rows: the maps; columns: the steps (orig.: the trained model; head; {c.depth}, {c.depth - 1}, ...: "
+        "blocks, counted from 1; "
+        "emb.: the patch and position embeddings). Each tile from its minimum (darkest) to its maximum."
     )
     left, right = st.columns(2)
     with left:
