@@ -254,6 +254,19 @@ def test_a_random_classifier_and_a_model_without_classifier(small_models):
         assert_shows(shown(at), direct_curves(lm, x, mode="drop", target=target))
         text = " ".join(m.value for m in at.markdown) + " ".join(c.value for c in at.caption)
         assert ("cosine similarity of the pooled features" in text) == (kind == "features"), kind
+        # model randomization runs for any model, with or without a classifier, both kinds
+        open_tab(at, "Sanity check")
+        assert any("pointing game needs ground truth" in i.value for i in at.info)
+        for how in ("independent", "cascade"):
+            at.radio(key="sn_kind").set_value(how).run()
+            at.button(key="sn_run").click().run()
+            ok(at)
+            spec = next(
+                json.loads(el.proto.spec) for el in at.get("plotly_chart") if el.proto.id.endswith("sn_spearman")
+            )
+            names = [t["name"] for t in spec["data"]]
+            assert ("gradient rollout" in names) == (kind == "classifier"), (kind, names)
+            assert spec["data"][0]["text"][-1] == "embedding" and len(spec["data"][0]["text"]) == lm.config.depth + 3
 
 
 # ---- Sanity tab: model randomization ------------------------------------------------------------
