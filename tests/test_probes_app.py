@@ -206,7 +206,7 @@ def test_clicked_heads_are_removed_and_the_shown_logits_are_the_models(small_mod
         ok(at)
         after = logits_of(lm, x, head_mask=probes.head_mask_for(lm.config, heads), head_fill=fill)
         assert np.abs(after - full).max() > 1e-4  # the removal shows
-        assert_table_is(table(at, "heads removed"), after)
+        assert_table_is(table(at, "ablated"), after)
         shown = effects(at)
         alone = probes.head_effects(lm.model, x, target, heads=heads, head_fill=fill)
         assert shown["layer 2, head 3"] == pytest.approx(alone[0], abs=1e-6)
@@ -220,7 +220,7 @@ def test_clicked_heads_are_removed_and_the_shown_logits_are_the_models(small_mod
     assert at.session_state["pr_ablate"] == (4, 1)
     at.button(key="pr_clear_heads").click().run()
     assert ok(at).session_state["pr_ablate"] == ()
-    assert not any(df.value.columns[0] == "class (heads removed)" for df in at.dataframe)
+    assert not any(df.value.columns[0] == "class (ablated)" for df in at.dataframe)
 
 
 @pytest.mark.slow
@@ -237,7 +237,7 @@ def test_the_rank_heatmap_is_head_effects(small_model):
     click(at, "pr_rank_grid", tile_point(i))
     layer, head = divmod(i, 3)
     assert at.session_state["pr_ablate"] == (layer + 1, head + 1)
-    assert any("press Rank heads again" in w.value for w in at.warning)
+    assert any("press Rank heads to update" in w.value for w in at.warning)
     at.radio(key="pr_fill").set_value("mean").run()
     at.button(key="pr_rank").click().run()
     z = decode(chart_spec(ok(at), "pr_rank_grid")["data"][0]["z"]).reshape(4, 3)
@@ -245,7 +245,7 @@ def test_the_rank_heatmap_is_head_effects(small_model):
     want = probes.head_effects(lm.model, x, target, base_mask=base, head_fill="mean")
     np.testing.assert_allclose(z, want, rtol=0, atol=1e-6)
     assert z[layer, head] == 0  # already removed
-    assert not any("press Rank heads again" in w.value for w in at.warning)
+    assert not any("press Rank heads to update" in w.value for w in at.warning)
 
 
 @pytest.mark.slow
@@ -258,7 +258,7 @@ def test_token_dropping_by_click_and_by_the_top_share(small_model):
     kept = np.array([i for i in range(36) if i != 16])
     remaining = logits_of(lm, x, keep=torch.from_numpy(kept))
     assert np.abs(remaining - logits_of(lm, x)).max() > 1e-4  # the drop shows
-    assert_table_is(table(at, "remaining tokens"), remaining)
+    assert_table_is(table(at, "kept tokens"), remaining)
     assert_table_is(table(at, "full image"), logits_of(lm, x))
     assert any(m.value.startswith("**Kept 35 of 36 patches**") for m in at.markdown)
     # the top 30% of the rollout, less the clicked patch
@@ -268,12 +268,12 @@ def test_token_dropping_by_click_and_by_the_top_share(small_model):
     options = report.rollout_options(c, report.Settings())
     top = probes.top_share_keep(A.attention_rollout(attn, **options)[0].numpy(), 0.3)
     kept = np.array(sorted(set(top.tolist()) - {16}))
-    assert_table_is(table(ok(at), "remaining tokens"), logits_of(lm, x, keep=torch.from_numpy(kept)))
+    assert_table_is(table(ok(at), "kept tokens"), logits_of(lm, x, keep=torch.from_numpy(kept)))
     # ... of the last layer's map
     at.radio(key="pr_keep_map").set_value("last layer").run()
     last = A.attention_maps(attn[0, -1], num_prefix=1, grid=c.grid).mean(0).numpy()
     kept = np.array(sorted(set(probes.top_share_keep(last, 0.3).tolist()) - {16}))
-    assert_table_is(table(ok(at), "remaining tokens"), logits_of(lm, x, keep=torch.from_numpy(kept)))
+    assert_table_is(table(ok(at), "kept tokens"), logits_of(lm, x, keep=torch.from_numpy(kept)))
     at.radio(key="pr_drop_map").set_value("last layer").run()
     ok(at)
     at.button(key="pr_clear_drop").click().run()

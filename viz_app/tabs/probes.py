@@ -479,7 +479,7 @@ def draw_ablation(ctx: Ctx) -> None:
             if ablated is None:
                 st.info("Click tiles of the grid to remove heads.")
             else:
-                show_prediction(ctx, ablated["logits"], target, who="heads removed")
+                show_prediction(ctx, ablated["logits"], target, who="ablated")
         st.caption(
             "Top-5 classes (and the target class if it is not among them): probability after softmax and the raw logit."
         )
@@ -521,9 +521,12 @@ def effects_panel(ctx: Ctx, removed: list[tuple[int, int]], fill: str, target: i
         lambda: probes.head_effects(ctx.lm.model, _pixels(ctx), target, heads=removed, head_fill=fill),
     )
     rows = {
-        "removed": [head_name(la, h) for la, h in removed] + [f"all {len(removed)} together"],
-        "logit drop": [float(v) for v in alone] + [before - after],
+        "removed": [head_name(la, h) for la, h in removed],
+        "logit drop": [float(v) for v in alone],
     }
+    if len(removed) > 1:
+        rows["removed"].append(f"all {len(removed)} together")
+        rows["logit drop"].append(before - after)
     st.dataframe(
         rows,
         hide_index=True,
@@ -531,8 +534,10 @@ def effects_panel(ctx: Ctx, removed: list[tuple[int, int]], fill: str, target: i
     )
     st.caption(
         f"Logit drop = the target logit of the full model ({before:.3f}) minus its logit with the head removed "
-        "alone (one row per head) or with all of them removed at once (last row). Positive: the head supported "
-        "the class; the heads interact, so the rows need not add up to the last one."
+        "alone (one row per head)"
+        + (" or with all of them removed at once (last row)" if len(removed) > 1 else "")
+        + ". Positive: the head supported the class"
+        + ("; the heads interact, so the rows need not add up to the last one." if len(removed) > 1 else ".")
     )
 
 
@@ -569,7 +574,9 @@ def rank_panel(ctx: Ctx, removed: list[tuple[int, int]], fill: str, target: int)
     base = "no heads removed" if not r_base else "on top of " + "; ".join(f"L{la}H{h}" for la, h in r_base)
     stale = (r_target, r_fill, r_base) != (target, fill, tuple(removed))
     if stale:
-        b.warning("The settings changed since this ranking (class, fill or removed heads): press Rank heads again.")
+        b.warning(
+            "This ranking was made before the last change of class, fill or removed heads: press Rank heads to update it."
+        )
     st.plotly_chart(
         rank_figure(drops, removed),
         key=chart_key("pr_rank_grid"),
@@ -595,7 +602,7 @@ def draw_dropping(ctx: Ctx) -> None:
     if list(state.read("pr_drop") or ()) != clicked:
         st.session_state["pr_drop"] = tuple(clicked)
     target = target_class(ctx)
-    left, right = st.columns([1, 1.15])
+    left, right = st.columns([1.3, 1])
     with right:
         choices = [m for m in KEEP_MAPS if m != "gradient rollout" or target is not None]
         which = state.radio(
@@ -667,7 +674,7 @@ def draw_dropping(ctx: Ctx) -> None:
         with a:
             show_prediction(ctx, r.forward.logits[0].numpy(), target, who="full image")
         with b:
-            show_prediction(ctx, probe["logits"], target, who="remaining tokens")
+            show_prediction(ctx, probe["logits"], target, who="kept tokens")
         st.caption(
             "Top-5 classes (and the target class if it is not among them): probability and logit, of the full "
             "image and of the sequence with the dropped patches' tokens removed."
