@@ -246,6 +246,14 @@ def test_the_rank_heatmap_is_head_effects(small_model):
     np.testing.assert_allclose(z, want, rtol=0, atol=1e-6)
     assert z[layer, head] == 0  # already removed
     assert not any("press Rank heads to update" in w.value for w in at.warning)
+    # the target is the Rollout tab's class when one is chosen
+    other = int(np.argsort(logits_of(lm, x))[0])
+    at.session_state["ro_class"] = other
+    at.button(key="pr_rank").click().run()
+    z = decode(chart_spec(ok(at), "pr_rank_grid")["data"][0]["z"]).reshape(4, 3)
+    want = probes.head_effects(lm.model, x, other, base_mask=base, head_fill="mean")
+    np.testing.assert_allclose(z, want, rtol=0, atol=1e-6)
+    assert any(m.label == f"Logit of 'class {other}', heads removed" for m in at.metric)
 
 
 @pytest.mark.slow
@@ -294,3 +302,21 @@ def test_no_classifier_and_every_patch_dropped(pooling_model):
     click(at, "pr_view", patch_point(1, 1, 16))  # one patch back: the maps of that one token
     assert at.session_state["pr_drop"] == tuple(i for i in range(16) if i != 5)
     assert not at.warning
+
+
+def test_a_link_with_values_that_do_not_fit_opens_the_tab():
+    """Kept values arrive from a copied link before any widget exists: out of range, unknown or
+    another model's values are fixed or left out, without a traceback."""
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "streamlit_app.py"), default_timeout=300)
+    at.query_params.update(
+        tab="Probes",
+        pr_fill="bogus",
+        pr_keep_top="7.5",
+        pr_ablate=["2", "3", "99", "1", "4"],
+        pr_drop=["-4", "5000", "7"],
+    )
+    ok(at.run())
+    assert at.session_state["pr_ablate"] == (2, 3)
+    assert at.session_state["pr_drop"] == (7,)
+    assert at.radio(key="pr_fill").value == "zero" and at.slider(key="pr_keep_top").value == 1.0
+    assert any(m.value.startswith("**Kept 143 of 144 patches**") for m in at.markdown)
