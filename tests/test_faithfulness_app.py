@@ -95,7 +95,7 @@ def legend_aucs(spec: dict) -> dict[str, float]:
 def shown(at: AppTest) -> dict:
     """Everything the Faithfulness tab shows as numbers: legend AUCs, table, curves."""
     charts = curve_charts(at)
-    table = at.table[0].value.astype(float).reset_index()
+    table = at.table[0].value.astype(float).rename_axis("map").reset_index()
     return {
         "legend": {d: legend_aucs(charts[d]) for d in DIRECTIONS},
         "curves": {
@@ -352,5 +352,5 @@ def test_the_sentence_names_the_favoured_map_and_a_negative_margin_honestly():
     first = [r for r in rows if r["map"] == "rollout" and r["direction"] == "deletion"]
     assert [float(r["probability"]) for r in first] == [1, 0.2, 0.1, 0, 0]
     assert [float(r["top1_agreement"]) for r in first] == [1, 0, 0, 0, 0]
-    table = faithfulness.auc_table(good).set_index("map")
-    assert table.loc["rollout", "deletion AUC"] == round(auc_r, 3)
+    table = faithfulness.auc_table(good)
+    assert table["deletion AUC"]["rollout"] == round(auc_r, 3)

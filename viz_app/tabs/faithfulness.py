@@ -16,7 +16,6 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 import torch
@@ -289,20 +288,20 @@ def curve_figure(curves: probes.Curves, direction: str, *, class_name: str | Non
     return go.Figure(dict(data=data, layout=layout), _validate=False)
 
 
-def auc_table(curves: probes.Curves) -> pd.DataFrame:
-    """One row per map: AUC of the score ('deletion AUC') and of the top-1 agreement ('deletion
-    AUC, top-1'), both directions (3 decimals, as shown)."""
-    rows = []
+def auc_table(curves: probes.Curves) -> dict[str, dict[str, float]]:
+    """Columns 'deletion AUC' (of the score) and 'deletion AUC, top-1' (of the top-1 agreement),
+    both directions, each {map name: value} (3 decimals, as shown): st.table shows the map names
+    as the rows."""
+    cols: dict[str, dict[str, float]] = {}
     for name in curves.maps:
-        row = {"map": map_name(name)}
         for d in DIRECTIONS:
             if (name, d) not in curves.scores:
                 continue
-            row[f"{d} AUC"] = round(float(curves.auc((name, d))[0]), 3)
+            cols.setdefault(f"{d} AUC", {})[map_name(name)] = round(float(curves.auc((name, d))[0]), 3)
             if curves.agree is not None:
-                row[f"{d} AUC, top-1"] = round(float(curves.auc_agree((name, d))[0]), 3)
-        rows.append(row)
-    return pd.DataFrame(rows)
+                agree = round(float(curves.auc_agree((name, d))[0]), 3)
+                cols.setdefault(f"{d} AUC, top-1", {})[map_name(name)] = agree
+    return cols
 
 
 def curves_csv(curves: probes.Curves) -> bytes:
@@ -435,7 +434,7 @@ def draw(ctx: Ctx) -> None:
     )
     st.markdown("**Area under each curve** (deletion: lower is more faithful; insertion-like: higher is)")
     # a static table: its headers wrap, so every column stays in view at 1024 px
-    st.table(auc_table(curves).set_index("map").map(lambda v: f"{v:.3f}"))
+    st.table({col: {k: f"{v:.3f}" for k, v in rows.items()} for col, rows in auc_table(curves).items()})
     st.caption(
         "Protocol: RISE deletion/insertion AUC (Petsiuk et al. 2018), the trapezoid rule over the removed share "
         "in [0, 1], so a probability curve gives an AUC in [0, 1]; deletion is Chefer et al.'s (CVPR 2021) "
