@@ -236,6 +236,23 @@ class VisionTransformer(nn.Module):
             x = torch.cat([pre.expand(B, -1, -1).to(x.dtype), x], dim=1)  # (B, T, C)
         return self.norm_pre(x)
 
+    def readout(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """The last block's tokens (B, T, C) -> (final tokens after the encoder norm, pooled
+        features (B, F), logits (B, classes) or None, CLIP embeddings or None)."""
+        x = self.norm(x)
+        feats = self.pool(x)
+        if self.pre_logits is not None:
+            feats = torch.tanh(self.pre_logits(feats))
+        logits = None
+        if self.head is not None:
+            if self.head_dist is not None:
+                # Distilled DeiT: class-token and distillation-token heads, averaged at inference.
+                logits = (self.head(feats) + self.head_dist(x[:, 1])) / 2
+            else:
+                logits = self.head(feats)
+        embeds = self.proj(feats) if self.proj is not None else None
+        return x, feats, logits, embeds
+
     def pool(self, x: Tensor) -> Tensor:
         """Final tokens (B, T, C) -> pooled (B, C) or (B, 2C) for token_avg."""
         c = self.config
@@ -315,18 +332,7 @@ class VisionTransformer(nn.Module):
                 attentions.append(attn)
             if norms is not None:
                 norms.append(x.norm(dim=-1))
-        x = self.norm(x)
-        feats = self.pool(x)
-        if self.pre_logits is not None:
-            feats = torch.tanh(self.pre_logits(feats))
-        logits = None
-        if self.head is not None:
-            if self.head_dist is not None:
-                # Distilled DeiT: class-token and distillation-token heads, averaged at inference.
-                logits = (self.head(feats) + self.head_dist(x[:, 1])) / 2
-            else:
-                logits = self.head(feats)
-        embeds = self.proj(feats) if self.proj is not None else None
+        x, feats, logits, embeds = self.readout(x)
         return ViTOutput(
             logits=logits,
             features=feats,

@@ -441,7 +441,9 @@ def head_effects(
     logit(base) - logit(base with that head removed). pixels (1, 3, H, W).
 
     heads: (layer, head) pairs counted from 1 (default: every head, returned as (L, H); else
-    (len(heads),)). The heads of a layer run as one batch (batch_size at most, default H)."""
+    (len(heads),)). The heads of a layer run as one batch (batch_size at most, default H), from
+    the stream entering that layer, which is computed once: ranking every head costs about
+    (L + 1) / 2 * H forward passes of one image, not L * H."""
     if model.head is None:
         raise ValueError("head effects follow the target logit: the model has no classifier")
     c = model.config
@@ -452,18 +454,34 @@ def head_effects(
         target_scores(model, pixels, tgt, head_mask=base if base_mask is not None else None, head_fill=head_fill)[0]
     )
     pairs = [(la, h) for la in range(1, L + 1) for h in range(1, H + 1)] if heads is None else list(heads)
+    for la, h in pairs:
+        if not (1 <= la <= L and 1 <= h <= H):
+            raise ValueError(f"head ({la}, {h}) is outside {L} layers x {H} heads")
     batch_size = batch_size or H
     drops = np.zeros(len(pairs))
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i : i + batch_size]
-        masks = base.repeat(len(chunk), 1, 1)
-        for j, (la, h) in enumerate(chunk):
-            masks[j, la - 1, h - 1] = 0
-        x = pixels.expand(len(chunk), -1, -1, -1)
-        got = target_scores(model, x, tgt.expand(len(chunk)), head_mask=masks.to(pixels.device), head_fill=head_fill)
-        drops[i : i + len(chunk)] = ref - got.numpy()
-        if progress is not None:
-            progress(min(1.0, (i + len(chunk)) / len(pairs)))
+    by_layer: dict[int, list[int]] = {}
+    for i, (la, _) in enumerate(pairs):
+        by_layer.setdefault(la - 1, []).append(i)
+    dev = pixels.device
+    fill_mask = base.to(dev)[None]  # (1, L, H)
+    done = 0
+    with torch.inference_mode():
+        x = model.embed(pixels)  # (1, T, C): the stream entering block 0, with the base heads removed
+        for layer in range(L):
+            for start in range(0, len(by_layer.get(layer, [])), batch_size):
+                idx = by_layer[layer][start : start + batch_size]
+                masks = fill_mask.repeat(len(idx), 1, 1)
+                for j, i in enumerate(idx):
+                    masks[j, layer, pairs[i][1] - 1] = 0
+                y = x.expand(len(idx), -1, -1)
+                for i in range(layer, L):  # the blocks before `layer` are the same for every head
+                    y, _ = model.blocks[i](y, None, masks[:, i], head_fill)
+                logits = model.readout(y)[2].float()
+                drops[idx] = ref - logits[:, target].cpu().numpy()
+                done += len(idx)
+                if progress is not None:
+                    progress(done / len(pairs))
+            x, _ = model.blocks[layer](x, None, fill_mask[:, layer] if base_mask is not None else None, head_fill)
     return drops.reshape(L, H) if heads is None else drops
 
 

@@ -56,6 +56,8 @@ KEPT: dict[str, type] = {
     "pr_fill": str,  # Probes: what a removed head leaves, zero | mean
     "pr_drop": tuple,  # Probes: dropped patches, row-major indices
     "pr_keep_top": float,  # Probes: share of patches kept from the top of the map (1 = all)
+    "pr_keep_map": str,  # Probes: the map whose top share is kept
+    "pr_drop_map": str,  # Probes: the map shown for the kept tokens
     "sn_kind": str,  # Sanity: cascade | independent randomization
 }
 
