@@ -92,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, default=10, help="removal steps of each curve")
     p.add_argument("--randomization", choices=KINDS, default="cascade", help="model randomization (none: skip)")
-    p.add_argument("--class", dest="target_class", type=int, default=None, help="target class (default: each top-1)")
+    p.add_argument(
+        "--class", dest="target_class", type=int, default=None, metavar="C", help="target class (default: each top-1)"
+    )
     p.add_argument("--head", default=None, metavar="LAYER,HEAD", help="also this head's read-out map (from 1)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
