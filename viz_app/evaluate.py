@@ -363,6 +363,7 @@ def evaluate_batch(
             target=fwd.target,
             gradients=gradients,
             seed=0,
+            original=fwd,
             progress=lambda f: progress.within(
                 B, (len(args.modes) + f) / stages, f"randomization ({args.randomization})"
             ),
@@ -478,7 +479,7 @@ def _band(img, xs, lo, hi, colour, alpha=0.18) -> None:
 def _vertical_text(text: str, fs: float) -> np.ndarray:
     (tw, th), base = cv2.getTextSize(text, render.FONT, fs, 1)
     tile = np.full((th + base + 4, tw + 4, 3), 255, np.uint8)
-    render._text(tile, text, (2, th + 2), fs)
+    render.put_text(tile, text, (2, th + 2), fs)
     return np.rot90(tile)
 
 
@@ -508,22 +509,22 @@ def _frame(img, ax: Axes, fs: float, yticks, xticks, ytitle: str, xtitle: str, t
         cv2.line(img, (ax.x0, int(y)), (ax.x1, int(y)), grey, 1)
         label = f"{round(float(t), 6) + 0.0:.1f}"
         (tw, th), _ = cv2.getTextSize(label, render.FONT, fs, 1)
-        render._text(img, label, (ax.x0 - tw - 8, int(y) + th // 2), fs, black)
+        render.put_text(img, label, (ax.x0 - tw - 8, int(y) + th // 2), fs, black)
     for x, label in xticks:
         u, _ = ax.px(x, ax.ylim[0])
         cv2.line(img, (int(u), ax.y1), (int(u), ax.y1 + 5), black, 1)
         if isinstance(label, str) and label:
             (tw, th), _ = cv2.getTextSize(label, render.FONT, fs, 1)
-            render._text(img, label, (int(u) - tw // 2, ax.y1 + th + 12), fs, black)
+            render.put_text(img, label, (int(u) - tw // 2, ax.y1 + th + 12), fs, black)
     cv2.rectangle(img, (ax.x0, ax.y0), (ax.x1, ax.y1), black, 1)
     if xtitle:
         (tw, th), _ = cv2.getTextSize(xtitle, render.FONT, fs, 1)
-        render._text(img, xtitle, ((ax.x0 + ax.x1 - tw) // 2, ax.y1 + 2 * th + 30), fs, black)
+        render.put_text(img, xtitle, ((ax.x0 + ax.x1 - tw) // 2, ax.y1 + 2 * th + 30), fs, black)
     side = _vertical_text(ytitle, fs)
     y = max(0, (ax.y0 + ax.y1 - side.shape[0]) // 2)
     x = max(0, ax.x0 - side.shape[1] - int(60 * fs))
     img[y : y + side.shape[0], x : x + side.shape[1]] = side[: img.shape[0] - y, : img.shape[1] - x]
-    render._text(img, title, (ax.x0, ax.y0 - 14), fs * 1.15, black, thick=2)
+    render.put_text(img, title, (ax.x0, ax.y0 - 14), fs * 1.15, black, thick=2)
 
 
 def _legend(img, x: int, y: int, entries: list[tuple[str, tuple[int, int, int], bool]], fs: float) -> None:
@@ -532,7 +533,7 @@ def _legend(img, x: int, y: int, entries: list[tuple[str, tuple[int, int, int], 
     for i, (text, colour, dashed) in enumerate(entries):
         yy = y + i * step
         _polyline(img, [(x, yy - th // 2), (x + 36, yy - th // 2)], colour, 3, dashed)
-        render._text(img, text, (x + 46, yy), fs, (0, 0, 0))
+        render.put_text(img, text, (x + 46, yy), fs, (0, 0, 0))
 
 
 def _ylim(lows, highs) -> tuple[float, float]:
@@ -555,7 +556,7 @@ def faithfulness_png(tally: Tally, modes: list[str], *, title: str = "") -> np.n
     top = 70
     img = np.full((top + ph * len(modes), 2 * pw, 3), 255, np.uint8)
     if title:
-        render._text(img, title, (20, 40), fs * 1.4, (0, 0, 0), thick=2)
+        render.put_text(img, title, (20, 40), fs * 1.4, (0, 0, 0), thick=2)
     fr = tally.fractions
     for r, mode in enumerate(modes):
         for col, direction in enumerate(DIRECTIONS):
@@ -583,7 +584,7 @@ def faithfulness_png(tally: Tally, modes: list[str], *, title: str = "") -> np.n
                 entries.append((f"{probes.label(n)}  AUC {auc:.3f}", colour, dashed))
             _legend(img, ax.x1 + 24, ax.y0 + 20, entries, fs * 0.85)
             n_img = len(tally.auc[(mode, direction, names[0])]) if names else 0
-            render._text(img, f"mean of {n_img} images, bands: 95% CI", (ax.x1 + 24, ax.y1), fs * 0.8, (90, 90, 90))
+            render.put_text(img, f"mean of {n_img} images, bands: 95% CI", (ax.x1 + 24, ax.y1), fs * 0.8, (90, 90, 90))
     return img
 
 
@@ -596,7 +597,7 @@ def randomization_png(tally: Tally, kind: str, *, title: str = "") -> np.ndarray
     top = 70
     img = np.full((top + ph, 2 * pw, 3), 255, np.uint8)
     if title:
-        render._text(img, title, (20, 40), fs * 1.4, (0, 0, 0), thick=2)
+        render.put_text(img, title, (20, 40), fs * 1.4, (0, 0, 0), thick=2)
     order = [*names, *BASELINE_COLOURS]
     for col, (what, data) in enumerate((("Spearman rank correlation", tally.spearman), ("SSIM", tally.ssim))):
         stats = {n: _step_ci(np.asarray(data[n]), -1.0, 1.0) for n in names}
@@ -618,7 +619,7 @@ def randomization_png(tally: Tally, kind: str, *, title: str = "") -> np.ndarray
             else (f"{kind} randomization: the part re-initialized")
         )
         (tw, _), _ = cv2.getTextSize(step_title, render.FONT, fs, 1)
-        render._text(img, step_title, ((ax.x0 + ax.x1 - tw) // 2, top + ph - 20), fs, (0, 0, 0))
+        render.put_text(img, step_title, ((ax.x0 + ax.x1 - tw) // 2, top + ph - 20), fs, (0, 0, 0))
         entries = []
         xs = np.arange(len(labels))
         for n in names:
@@ -635,7 +636,7 @@ def randomization_png(tally: Tally, kind: str, *, title: str = "") -> np.ndarray
             entries.append((probes.label(n), colour, False))
         _legend(img, ax.x1 + 24, ax.y0 + 20, entries, fs * 0.85)
         n_img = len(data[names[0]]) if names else 0
-        render._text(img, f"mean of {n_img} images, bands: 95% CI", (ax.x1 + 24, ax.y1), fs * 0.8, (90, 90, 90))
+        render.put_text(img, f"mean of {n_img} images, bands: 95% CI", (ax.x1 + 24, ax.y1), fs * 0.8, (90, 90, 90))
     return img
 
 

@@ -372,6 +372,7 @@ def randomization(
     target: Tensor | None = None,
     gradients: bool = True,
     seed: int = 0,
+    original: Forward | None = None,
     progress: Callable[[float], None] | None = None,
 ) -> Randomization:
     """Recompute the maps (map_fn of each forward pass) while the model's parts are re-initialized,
@@ -379,11 +380,16 @@ def randomization(
     with the original model's by Spearman rank correlation and SSIM.
 
     target: (B,) classes for class-specific maps (default each image's top-1 with the original
-    weights: the same class is explained at every step)."""
+    weights: the same class is explained at every step). original: the original model's forward
+    pass of these pixels, when the caller has it (with gradients for `target` if gradients are
+    wanted), so it is not run again."""
     depth = model.config.depth
     steps = cascade_steps(depth) if kind == "cascade" else independent_steps(depth)
     grads = gradients and model.head is not None
-    first = run_forward(model, pixels, gradients=grads, target=target)
+    if original is not None and (original.grads is not None) == grads:
+        first = original
+    else:
+        first = run_forward(model, pixels, gradients=grads, target=target)
     if grads and target is None:
         target = first.target
     found = [map_fn(first)]

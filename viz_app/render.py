@@ -14,7 +14,10 @@ UPSAMPLING = ("nearest", "bilinear", "paper")
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
-def _text(img: np.ndarray, text: str, org: tuple[int, int], scale: float, color=(20, 20, 20), thick: int = 1) -> None:
+def put_text(
+    img: np.ndarray, text: str, org: tuple[int, int], scale: float, color=(20, 20, 20), thick: int = 1
+) -> None:
+    """Anti-aliased text in the plots' font, baseline at org."""
     cv2.putText(img, text, org, FONT, scale, color, thick, cv2.LINE_AA)
 
 
@@ -118,9 +121,9 @@ def _grid_frame(H: int, W: int, patch_size: int, k: int) -> tuple[np.ndarray, in
     step = max(1, int(np.ceil((tw + 6) / ps)))  # skip labels that would overlap
     for c in range(0, gw, step):
         x = margin + c * ps + (ps - cv2.getTextSize(str(c), FONT, fs, 1)[0][0]) // 2
-        _text(canvas, str(c), (x, margin - 5), fs, (40, 40, 40))
+        put_text(canvas, str(c), (x, margin - 5), fs, (40, 40, 40))
     for r in range(0, gh, step):
-        _text(canvas, str(r), (3, margin + r * ps + (ps + th) // 2), fs, (40, 40, 40))
+        put_text(canvas, str(r), (3, margin + r * ps + (ps + th) // 2), fs, (40, 40, 40))
     canvas.setflags(write=False)
     return canvas, margin
 
@@ -225,12 +228,12 @@ def mad_scatter_png(
     for t in np.linspace(0, ymax, 6):
         y = y_of(t)
         cv2.line(img, (left, y), (W - right, y), grey, 1)
-        _text(img, f"{t:.0f}", (8, y + int(8 * fs)), fs, black)
+        put_text(img, f"{t:.0f}", (8, y + int(8 * fs)), fs, black)
     cv2.line(img, (left, Hh - bottom), (W - right, Hh - bottom), black, 1)
     cv2.line(img, (left, top), (left, Hh - bottom), black, 1)
     step = max(1, L // 24)
     for i in range(0, L, step):
-        _text(img, str(i + 1), (x_of(i) - int(8 * fs), Hh - bottom + int(30 * fs)), fs, black)
+        put_text(img, str(i + 1), (x_of(i) - int(8 * fs), Hh - bottom + int(30 * fs)), fs, black)
     palette = colormaps.get("viridis").lut[np.linspace(0, 230, max(H, 1)).round().astype(int)]
     high = np.zeros_like(mad, bool) if prefix_share is None else np.asarray(prefix_share) >= mark_at
     radius = max(4, int(7 * fs))
@@ -239,12 +242,12 @@ def mad_scatter_png(
             color = tuple(int(v) for v in palette[h])
             centre = (x_of(i), y_of(float(mad[i, h])))
             cv2.circle(img, centre, radius, color, 2 if high[i, h] else -1, cv2.LINE_AA)
-    _text(img, "network depth (layer)", (W // 2 - int(130 * fs), Hh - int(20 * fs)), fs * 1.1, black)
-    _text(img, "mean attention distance (pixels)", (left, top - int(20 * fs)), fs * 1.1, black)
+    put_text(img, "network depth (layer)", (W // 2 - int(130 * fs), Hh - int(20 * fs)), fs * 1.1, black)
+    put_text(img, "mean attention distance (pixels)", (left, top - int(20 * fs)), fs * 1.1, black)
     if title:
-        _text(img, title, (left, int(36 * fs)), fs * 1.3, black, thick=2)
+        put_text(img, title, (left, int(36 * fs)), fs * 1.3, black, thick=2)
     if high.any():
-        _text(
+        put_text(
             img, f"open circles: prefix share >= {mark_at}", (W - right - int(520 * fs), top - int(20 * fs)), fs, black
         )
     return img
@@ -277,12 +280,12 @@ def labelled_grid(
     for c in range(0, C, step_c):
         label = str(c + first)
         x = mx + 1 + c * (w * scale + 1) + (w * scale - cv2.getTextSize(label, FONT, fs, 1)[0][0]) // 2
-        _text(out, label, (x, my - 6), fs)
+        put_text(out, label, (x, my - 6), fs)
     for r in range(0, R, step_r):
-        _text(out, str(r + first), (int(40 * fs), my + 1 + r * (h * scale + 1) + (h * scale + th) // 2), fs)
-    _text(out, col_name, (mx, int(28 * fs) + th // 2), fs)
+        put_text(out, str(r + first), (int(40 * fs), my + 1 + r * (h * scale + 1) + (h * scale + th) // 2), fs)
+    put_text(out, col_name, (mx, int(28 * fs) + th // 2), fs)
     side = np.full((th + 8, cv2.getTextSize(row_name, FONT, fs, 1)[0][0] + 4, 3), 255, np.uint8)
-    _text(side, row_name, (2, th + 2), fs)
+    put_text(side, row_name, (2, th + 2), fs)
     side = np.rot90(side)
     y0 = my + max(0, (gh - side.shape[0]) // 2)
     out[y0 : y0 + side.shape[0], 2 : 2 + side.shape[1]] = side[: out.shape[0] - y0]
@@ -324,11 +327,11 @@ def colorbar(
     for v in np.linspace(vmin, vmax, ticks):
         y = int(round(pad + (1 - (v - vmin) / (vmax - vmin or 1)) * (inner - 1)))
         cv2.line(out, (4 + bar_w, y), (8 + bar_w, y), (20, 20, 20), 1)
-        _text(out, fmt.format(float(v)), (11 + bar_w, y + int(5 * scale)), scale)
+        put_text(out, fmt.format(float(v)), (11 + bar_w, y + int(5 * scale)), scale)
     if label:  # written upwards along the right edge
         (tw, th), _ = cv2.getTextSize(label, FONT, scale, 1)
         strip = np.full((th + 8, tw + 4, 3), 255, np.uint8)
-        _text(strip, label, (2, th + 2), scale)
+        put_text(strip, label, (2, th + 2), scale)
         strip = np.rot90(strip)
         h, w = strip.shape[:2]
         y0 = max(0, (height - h) // 2)
@@ -362,7 +365,7 @@ def publication_figure(
     line_h = int(34 * scale)
     head = np.full((line_h * len(lines) + 12, W + bar.shape[1] + 16, 3), 255, np.uint8)
     for i, (text, size) in enumerate(zip(lines, (scale, scale * 0.7))):
-        _text(head, text, (8, line_h * (i + 1) - 6), size, thick=2 if i == 0 else 1)
+        put_text(head, text, (8, line_h * (i + 1) - 6), size, thick=2 if i == 0 else 1)
     body = np.full((H + 8, head.shape[1], 3), 255, np.uint8)
     body[:H, :W] = big
     body[:H, W + 16 :] = bar
