@@ -26,6 +26,7 @@ from model.resources import DEMO_DIR
 from model.vit import VisionTransformer
 from model.weights.load import LoadedModel
 from viz_app import analysis as A
+from viz_app import probes
 from viz_app.demo.scenes import make_batch, patch_shares
 from viz_app.demo.train import to_pixels
 from viz_app.pipeline import run_forward
@@ -96,9 +97,10 @@ def centre_prior(grid: tuple[int, int]) -> np.ndarray:
 
 
 def reinitialized(lm: LoadedModel, seed: int = 0) -> VisionTransformer:
-    model = VisionTransformer(lm.config)
-    model.init_weights(seed=seed)
-    return model.to(lm.device).eval().requires_grad_(False)
+    """The model with every part re-initialized: the last step of the cascading randomization
+    (viz_app.probes.cascade_steps) with the same seed, as the Sanity tab and `evaluate` run it."""
+    every_part = probes.cascade_steps(lm.config.depth)[-1][1]
+    return probes.randomized_model(lm.model, every_part, seed=seed).float()
 
 
 @dataclass
@@ -279,8 +281,13 @@ even patch size here, the pixel just below and right of the exact centre). A pat
 target only grazes is a loose hit and a strict miss. Energy: the map's mass inside
 the mask divided by the mask's share of the image (1 = no better than uniform). Maps: attention
 rollout (paper settings), last-layer class-token attention (mean of heads), gradient rollout
-for the true class, a centre prior, a random map, and the rollout of the same architecture with
-re-initialized weights (the sanity check of Adebayo et al. 2018).
+for the true class, a centre prior, a random map, and the rollout of the model with every part
+re-initialized (the last step of the cascading model randomization of Adebayo et al. 2018, seed 0;
+the app's Sanity tab shows every step for any model and image).
+
+Whether each map is what the model uses (deletion and insertion curves in two removal modes, and
+the rollout's decorrelation as blocks are re-initialized, over 500 scenes) is reported in the
+repository's docs/evaluation/ (`vit-lens evaluate --model demo --scenes 500`).
 
 Targets:
 {targets}
