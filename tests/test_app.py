@@ -231,7 +231,7 @@ def test_demo_model_is_the_default_and_sanity_tab_scores_a_scene():
     no_problems(at)
     assert at.radio(key="main_kind").value == "Embedded demo"
     at.selectbox(key="img").set_value("scene: 0_circle").run()
-    open_tab(at, "Sanity check")
+    open_tab(at, "Sanity")
     no_problems(at)
     tables = at.get("table")
     assert tables, "the sanity tab shows where each map points"

@@ -357,7 +357,7 @@ def test_settings_survive_tabs_and_a_copied_url(browser, server):
     assert want.startswith("Layer 3, head 4: attention of patch ("), want
     open_tab(pg, "Rollout")
     set_slider(pg, "Discard ratio", 18)  # 0.90
-    for name in ("Overview", "Embeddings", "Distance", "Compare", "Download", "Sanity check", "Heads"):
+    for name in ("Overview", "Embeddings", "Distance", "Compare", "Download", "Sanity", "Heads"):
         open_tab(pg, name)
     assert big_map_title(pg) == want
     open_tab(pg, "Rollout")

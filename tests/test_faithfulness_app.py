@@ -255,7 +255,7 @@ def test_a_random_classifier_and_a_model_without_classifier(small_models):
         text = " ".join(m.value for m in at.markdown) + " ".join(c.value for c in at.caption)
         assert ("cosine similarity of the pooled features" in text) == (kind == "features"), kind
         # model randomization runs for any model, with or without a classifier, both kinds
-        open_tab(at, "Sanity check")
+        open_tab(at, "Sanity")
         assert any("pointing game needs ground truth" in i.value for i in at.info)
         for how in ("independent", "cascade"):
             at.radio(key="sn_kind").set_value(how).run()
@@ -279,7 +279,7 @@ def test_randomization_shows_the_spearman_of_probes_randomization(demo):
     lm, x, top = demo
     at = start()
     at.selectbox(key="img").set_value(SCENE).run()
-    open_tab(at, "Sanity check")
+    open_tab(at, "Sanity")
     assert not [el for el in at.get("plotly_chart") if "sn_spearman" in el.proto.id], "runs on a button press"
     at.button(key="sn_run").click().run()
     ok(at)

@@ -370,7 +370,7 @@ def test_demo_opens_on_a_scene_and_warns_on_a_photo():
 
 
 def test_sanity_check_shows_both_pointing_rules():
-    at = open_tab(start(), "Sanity check")
+    at = open_tab(start(), "Sanity")
     table = at.get("table")[0]
     text = str(table.proto)
     assert "loose rule" in text and "strict rule" in text

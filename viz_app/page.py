@@ -184,8 +184,17 @@ def choose_model(device: str, dtype: str) -> tuple[str, LoadedModel] | None:
     return None
 
 
+# Ten tabs in one row beside the sidebar at 1024 px: a narrower page margin (48 px instead of 80)
+# and tab gap (8 px instead of 16). Layout only; nothing else of the theme changes.
+LAYOUT_CSS = """<style>
+[data-testid="stMainBlockContainer"] { padding-left: 3rem; padding-right: 3rem; }
+[role="tablist"] { gap: 0.5rem; }
+</style>"""
+
+
 def main() -> None:
     st.set_page_config(page_title="ViT Lens", layout="wide", page_icon=":eyes:")
+    st.html(LAYOUT_CSS)
     init_state()
     ss = st.session_state
     if ss.pop("revert_picker", False):

@@ -23,7 +23,7 @@ TABS = {
     "Distance": distance,
     "Compare": compare,
     "Download": download,
-    "Sanity check": sanity,
+    "Sanity": sanity,
     "Faithfulness": faithfulness,
     "Probes": probes,
 }

@@ -346,5 +346,5 @@ def randomization_section(ctx: Ctx) -> None:
     if ctx.source == "demo":
         st.caption(
             "The demo scores' 're-initialized rollout' baseline (reinit_rollout, below) is one case of this: the "
-            "whole model re-initialized, as at the cascade's last step (with another seed)."
+            "whole model re-initialized, the cascade's last step with the same seed, over 2000 scenes."
         )
