@@ -8,6 +8,8 @@ python -m benchmarks.bench_app [--repeats 3]
    model runs every time.
 2. Server side (AppTest, the same script the server runs): the time of a rerun after a layer or
    head change on the Heads tab, with a ViT-B/16-sized model; no forward pass happens.
+3. Server side: the first render of the Faithfulness tab (curves not cached; the image's forward
+   pass already is), demo and ViT-B/16, in each removal mode.
 """
 
 from __future__ import annotations
@@ -151,12 +153,36 @@ def rerun_times(checkpoint: Path, repeats: int) -> list[float]:
     return times
 
 
+def faithfulness_times(checkpoint: Path | None, repeats: int) -> dict[str, list[float]]:
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    times: dict[str, list[float]] = {"drop": [], "pixels": []}
+    for _ in range(repeats):
+        for mode in times:
+            st.cache_resource.clear()  # the curves are cached per image and settings
+            st.cache_data.clear()
+            at = AppTest.from_file(str(ROOT / "streamlit_app.py"), default_timeout=600).run()
+            if checkpoint is not None:
+                at.radio(key="main_kind").set_value("Path or hub id").run()
+                at.text_input(key="main_path").set_value(str(checkpoint)).run()
+                at.button(key="main_load").click().run()
+            at.session_state["fa_mode"] = mode
+            start = time.perf_counter()
+            at.session_state["tab"] = "Faithfulness"
+            at.run()
+            times[mode].append(time.perf_counter() - start)
+            assert not at.exception, at.exception
+    return times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--only", choices=["demo", "b16", "rerun"], action="append", help="run only these parts")
+    parts_all = ["demo", "b16", "rerun", "faithfulness"]
+    ap.add_argument("--only", choices=parts_all, action="append", help="run only these parts")
     a = ap.parse_args()
-    parts = set(a.only or ["demo", "b16", "rerun"])
+    parts = set(a.only or parts_all)
     print(machine())
     with tempfile.TemporaryDirectory() as d:
         ckpt = write_random_checkpoint(Path(d))
@@ -174,6 +200,13 @@ def main() -> None:
             t = rerun_times(ckpt, 10)
             ms = [round(x * 1000) for x in t]
             print(f"server rerun, layer/head change, ViT-B/16: median {statistics.median(t) * 1000:.0f} ms {ms}")
+        if "faithfulness" in parts:
+            for name, path in (("demo", None), ("ViT-B/16 (random)", ckpt)):
+                for mode, t in faithfulness_times(path, max(1, a.repeats - 1)).items():
+                    print(
+                        f"Faithfulness tab, first render, {name}, {mode}: median {statistics.median(t):.2f} s "
+                        f"{[round(x, 2) for x in t]}"
+                    )
 
 
 if __name__ == "__main__":
