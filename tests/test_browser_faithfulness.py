@@ -48,7 +48,7 @@ def test_faithfulness_tab_draws_both_plots_with_auc_legends(browser, server):  #
 
 
 def test_sanity_tab_randomization_draws_strip_and_curves(browser, server):  # noqa: F811
-    ctx, pg = open_page(browser, server, (1400, 900), "tab=Sanity%20check")
+    ctx, pg = open_page(browser, server, (1400, 900), "tab=Sanity")
     try:
         pg.get_by_role("button", name="Run randomization").click()
         pg.mouse.move(1, 1)  # the button's help would cover the caption in the screenshot
