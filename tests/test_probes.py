@@ -423,3 +423,11 @@ def test_mean_ci():
     m, lo, hi = FA.mean_ci(np.array([1.0, 2.0, 3.0, np.nan]))
     assert m == 2.0 and hi - m == pytest.approx(1.959963984540054 * 1.0 / np.sqrt(3))
     assert np.isnan(FA.mean_ci(np.array([1.0]))[1])
+
+
+def test_probe_batches_keep_one_layers_scores_bounded():
+    assert probes.probe_batch_size(ViTConfig()) == 32  # ViT-B/16 at 224 px
+    large = ViTConfig(image_size=518, patch_size=14, embed_dim=1024, depth=24, num_heads=16, mlp_dim=4096)
+    assert probes.probe_batch_size(large) == 2
+    c = large
+    assert probes.probe_batch_size(large) * c.num_heads * c.num_tokens**2 * 4 <= probes.PROBE_BATCH_BYTES

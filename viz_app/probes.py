@@ -101,6 +101,17 @@ class Curves:
         return None if self.agree is None else curve_auc(self.agree[key].astype(np.float64), self.fractions)
 
 
+PROBE_BATCH_BYTES = 2**28  # one layer's attention scores of a probe batch stay under 256 MB
+
+
+def probe_batch_size(config, cap: int = 32) -> int:
+    """Images per batch for the probes' forward passes (no maps kept): as many as keep one
+    layer's (B, H, T, T) float32 scores under PROBE_BATCH_BYTES, at most cap, at least 1.
+    ViT-B/16 at 224 px: 32; ViT-L/14 at 518 px (1370 tokens): 2."""
+    per_image = config.num_heads * config.num_tokens**2 * 4
+    return max(1, min(cap, PROBE_BATCH_BYTES // per_image))
+
+
 def _random_orders(num_patches: int, n: int, seed: int, image: int) -> list[np.ndarray]:
     rng = np.random.default_rng([seed, image])
     return [rng.permutation(num_patches) for _ in range(n)]
@@ -120,7 +131,7 @@ def faithfulness_curves(
     seed: int = 0,
     head_mask: Tensor | None = None,
     head_fill: str = "zero",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     progress: Callable[[float], None] | None = None,
 ) -> Curves:
     """Remove patches in the order of each map, `steps` equal shares at a time, and follow the
@@ -131,8 +142,8 @@ def faithfulness_curves(
     curve of `random_orders` seeded permutations per image). mode: 'drop' or 'pixels'
     (REMOVAL_MODES). target: (B,) classes, default each image's unperturbed top-1.
     head_mask/head_fill: run every input with these heads ablated (see the model's forward).
-    Every perturbed input of every curve is batched (batch_size at a time); inputs that are the
-    same (step 0, removing everything) run once.
+    Every perturbed input of every curve is batched (batch_size at a time, default
+    probe_batch_size); inputs that are the same (step 0, removing everything) run once.
     """
     if mode not in REMOVAL_MODES:
         raise ValueError(f"removal mode must be one of {tuple(REMOVAL_MODES)}, got {mode!r}")
@@ -170,6 +181,7 @@ def faithfulness_curves(
                     row.append(jobs[jk])
                 rows.append(row)
             refs[key].append(rows)
+    batch_size = batch_size or probe_batch_size(c)
     logits, feats = _run_jobs(model, pixels, job_list, mode, head_mask, head_fill, batch_size, progress)
     base = {b: jobs[(b, np.zeros(0, np.int64).tobytes())] for b in range(B)}
     if logits is not None:
@@ -463,7 +475,7 @@ def head_effects(
     for la, h in pairs:
         if not (1 <= la <= L and 1 <= h <= H):
             raise ValueError(f"head ({la}, {h}) is outside {L} layers x {H} heads")
-    batch_size = batch_size or H
+    batch_size = batch_size or min(H, probe_batch_size(c))
     drops = np.zeros(len(pairs))
     by_layer: dict[int, list[int]] = {}
     for i, (la, _) in enumerate(pairs):
