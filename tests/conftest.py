@@ -15,6 +15,26 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture
+def media(monkeypatch) -> dict[str, bytes]:
+    """The bytes behind every media URL the page creates (download buttons, images), by file id:
+    what a user would download from an AppTest run."""
+    from pathlib import Path
+
+    from streamlit.runtime import memory_media_file_storage
+
+    seen: dict[str, bytes] = {}
+    original = memory_media_file_storage.MemoryMediaFileStorage.load_and_get_id
+
+    def record(self, path_or_data, mimetype, kind, filename=None):
+        file_id = original(self, path_or_data, mimetype, kind, filename)
+        seen[file_id] = path_or_data if isinstance(path_or_data, bytes) else Path(path_or_data).read_bytes()
+        return file_id
+
+    monkeypatch.setattr(memory_media_file_storage.MemoryMediaFileStorage, "load_and_get_id", record)
+    return seen
+
+
+@pytest.fixture
 def rng():
     return torch.Generator().manual_seed(0)
 

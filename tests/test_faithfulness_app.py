@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from streamlit.runtime import memory_media_file_storage
 from streamlit.testing.v1 import AppTest
 from test_trust import download, ok, open_tab, start
 
@@ -48,21 +47,6 @@ def small_models(tmp_path_factory) -> dict[str, Path]:
         "classifier": make_model(tmp_path_factory.mktemp("small_cls"), 10),
         "features": make_model(tmp_path_factory.mktemp("small_feat"), 0),
     }
-
-
-@pytest.fixture
-def media(monkeypatch) -> dict[str, bytes]:
-    """The bytes behind every media URL the page creates (download buttons, images)."""
-    seen: dict[str, bytes] = {}
-    original = memory_media_file_storage.MemoryMediaFileStorage.load_and_get_id
-
-    def record(self, path_or_data, mimetype, kind, filename=None):
-        file_id = original(self, path_or_data, mimetype, kind, filename)
-        seen[file_id] = path_or_data if isinstance(path_or_data, bytes) else Path(path_or_data).read_bytes()
-        return file_id
-
-    monkeypatch.setattr(memory_media_file_storage.MemoryMediaFileStorage, "load_and_get_id", record)
-    return seen
 
 
 def decode(value) -> np.ndarray:

@@ -14,7 +14,6 @@ import pytest
 import streamlit as st
 import torch
 from safetensors.torch import save_file
-from streamlit.runtime import memory_media_file_storage
 from streamlit.testing.v1 import AppTest
 
 from model import VisionTransformer, ViTConfig, load_checkpoint, load_image, prepare_image
@@ -42,21 +41,6 @@ def small_model(tmp_path_factory) -> Path:
     save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps({"format": "vit-lens", "config": cfg.to_dict()}))
     return folder
-
-
-@pytest.fixture
-def media(monkeypatch) -> dict[str, bytes]:
-    """The bytes behind every media URL the page creates (download buttons, images)."""
-    seen: dict[str, bytes] = {}
-    original = memory_media_file_storage.MemoryMediaFileStorage.load_and_get_id
-
-    def record(self, path_or_data, mimetype, kind, filename=None):
-        file_id = original(self, path_or_data, mimetype, kind, filename)
-        seen[file_id] = path_or_data if isinstance(path_or_data, bytes) else Path(path_or_data).read_bytes()
-        return file_id
-
-    monkeypatch.setattr(memory_media_file_storage.MemoryMediaFileStorage, "load_and_get_id", record)
-    return seen
 
 
 def download(at: AppTest, media: dict[str, bytes], label: str) -> bytes:

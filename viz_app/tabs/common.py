@@ -117,6 +117,30 @@ def rollout_settings(ctx: Ctx) -> report.Settings:
     )
 
 
+def target_class(ctx: Ctx) -> int | None:
+    """The class the class-specific views follow: the Rollout tab's class (ro_class) when it fits
+    the model, else the image's top-1; None for a model without a classifier."""
+    c = ctx.lm.config
+    if not c.num_classes or ctx.result.forward.logits is None:
+        return None
+    chosen = state.read("ro_class")
+    try:
+        if chosen is not None and 0 <= int(chosen) < c.num_classes:
+            return int(chosen)
+    except (TypeError, ValueError):
+        pass
+    return int(ctx.result.top5[0][0])
+
+
+@st.cache_resource(max_entries=64, show_spinner=False)
+def result_slot(key: tuple) -> dict:
+    """One shared cache entry per key (a tab's name, the model, device, precision, image and
+    settings), least recently used first out: filled once by the run that computes it (outside
+    a cached function, so that its progress bar is shown, not replayed), then only read. It
+    holds numpy results, never a model."""
+    return {}
+
+
 def rollout_map(ctx: Ctx, s: report.Settings) -> np.ndarray:
     """The rollout (gh, gw) with the settings' fusion, discard ratio, read-out and layers (the
     cached one when they are the paper's)."""

@@ -25,9 +25,7 @@ from viz_app import probes, render, report
 from viz_app.analysis.faithfulness import DIRECTIONS
 from viz_app.pipeline import Forward
 from viz_app.tabs import state
-from viz_app.tabs.common import Ctx, rollout_settings
-
-MAX_CURVES = 32  # cached curve sets (per model, image and settings), least recently used first out
+from viz_app.tabs.common import Ctx, result_slot, rollout_settings, target_class
 
 MODE_NAMES = {
     "drop": "Drop the patches' tokens (ViT-native)",
@@ -78,20 +76,6 @@ class Setup:
 # ---- what the other tabs chose ------------------------------------------------------------------
 
 
-def chosen_class(ctx: Ctx) -> int | None:
-    """The Rollout tab's class (ro_class), or the unperturbed top-1; None without a classifier."""
-    c = ctx.lm.config
-    if not c.num_classes:
-        return None
-    cls = state.read("ro_class")
-    try:
-        if cls is not None and 0 <= int(cls) < c.num_classes:
-            return int(cls)
-    except (TypeError, ValueError):
-        pass
-    return int(ctx.result.top5[0][0])
-
-
 def chosen_head(ctx: Ctx) -> tuple[int, int]:
     """The Heads tab's layer and head (default: the last layer, head 1), made to fit the model."""
     c = ctx.lm.config
@@ -129,7 +113,7 @@ def setup_from_state(ctx: Ctx, mode: str, steps: int) -> Setup:
     return Setup(
         mode=mode,
         steps=int(steps),
-        target=chosen_class(ctx),
+        target=target_class(ctx),
         head=chosen_head(ctx),
         ablate=ablated_heads(ctx),
         fill=head_fill(),
@@ -213,20 +197,12 @@ def compute(ctx: Ctx, setup: Setup, progress=None) -> tuple[probes.Curves, dict[
     return curves, maps
 
 
-@st.cache_resource(max_entries=MAX_CURVES, show_spinner=False)
-def _slot(key: tuple) -> dict:
-    """One cache entry per (model, device, precision, image, setup): filled once by the first run
-    that computes it (outside the cached function, so that its progress bar is not replayed),
-    then only read. Holds numpy results, never the model."""
-    return {}
-
-
 def cache_key(ctx: Ctx, setup: Setup) -> tuple:
     return ("faithfulness", ctx.source, str(ctx.lm.device), str(ctx.lm.dtype), ctx.image_digest, setup)
 
 
 def cached_curves(ctx: Ctx, setup: Setup) -> tuple[probes.Curves, dict[str, np.ndarray]]:
-    box = _slot(cache_key(ctx, setup))
+    box = result_slot(cache_key(ctx, setup))
     if "curves" not in box:
         bar = st.progress(0.0, text="Faithfulness curves: removing patches...")
         found = compute(ctx, setup, progress=lambda f: bar.progress(min(1.0, float(f)), text="Removing patches..."))

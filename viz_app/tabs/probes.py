@@ -36,6 +36,7 @@ from viz_app.tabs.common import (
     next_chart,
     rollout_map,
     rollout_settings,
+    target_class,
 )
 
 FILLS = {
@@ -120,21 +121,6 @@ def on_patch_click(config) -> None:
 
 def _clear(key: str) -> None:
     st.session_state[key] = ()
-
-
-def target_class(ctx: Ctx) -> int | None:
-    """The Rollout tab's class (ro_class) when it fits the model, else the top-1; None without a
-    classifier."""
-    c = ctx.lm.config
-    if not c.num_classes or ctx.result.forward.logits is None:
-        return None
-    chosen = state.read("ro_class")
-    try:
-        if chosen is not None and 0 <= int(chosen) < c.num_classes:
-            return int(chosen)
-    except (TypeError, ValueError):
-        pass
-    return int(ctx.result.top5[0][0])
 
 
 def head_name(layer: int, head: int) -> str:

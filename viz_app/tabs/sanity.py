@@ -19,9 +19,8 @@ from viz_app import colormaps, probes, report
 from viz_app.analysis.faithfulness import minmax
 from viz_app.demo.evaluate import POINTING_RULES, energy, patch_masks, pointing, pointing_strict
 from viz_app.tabs import faithfulness, state
-from viz_app.tabs.common import Ctx, rollout_settings
+from viz_app.tabs.common import Ctx, result_slot, rollout_settings, target_class
 
-MAX_RUNS = 8  # cached randomization runs (per model, image and settings)
 KINDS = {
     "cascade": "Cascade from the top (head, then blocks L..1, then the embedding)",
     "independent": "Each part alone",
@@ -117,14 +116,6 @@ def pointing_section(ctx: Ctx) -> None:
 # ---- model randomization (any model) -------------------------------------------------------------
 
 
-@st.cache_resource(max_entries=MAX_RUNS, show_spinner=False)
-def _slot(key: tuple) -> dict:
-    """One cache entry per (model, device, precision, image, settings): filled once by the run
-    that computes it (outside the cached function, so that its progress bar is not replayed),
-    then only read. Holds numpy results, never a model."""
-    return {}
-
-
 def run_key(ctx: Ctx, kind: str) -> tuple:
     c = ctx.lm.config
     options = report.rollout_options(c, rollout_settings(ctx))
@@ -137,7 +128,7 @@ def run_key(ctx: Ctx, kind: str) -> tuple:
         kind,
         tuple(sorted(options.items())),
         faithfulness.chosen_head(ctx),
-        faithfulness.chosen_class(ctx),
+        target_class(ctx),
     )
 
 
@@ -147,7 +138,7 @@ def run_randomization(ctx: Ctx, kind: str, progress=None) -> probes.Randomizatio
     lm = ctx.lm
     options = report.rollout_options(lm.config, rollout_settings(ctx))
     head = faithfulness.chosen_head(ctx)
-    cls = faithfulness.chosen_class(ctx)
+    cls = target_class(ctx)
     pixels = ctx.result.prepared.pixels[None].to(lm.device, lm.dtype)
     return probes.randomization(
         lm.model,
@@ -297,7 +288,7 @@ def randomization_section(ctx: Ctx) -> None:
         help="cascade: each step keeps the parts re-initialized before it; each part alone: one part at a time",
     )
     layer, head = faithfulness.chosen_head(ctx)
-    cls = faithfulness.chosen_class(ctx)
+    cls = target_class(ctx)
     st.caption(
         "The model's parts are re-initialized by its own init rules, and the maps of the Faithfulness tab (rollout "
         f"with the Rollout tab's settings{', gradient rollout for ' + repr(ctx.label(cls)) if cls is not None else ''}"
@@ -307,7 +298,7 @@ def randomization_section(ctx: Ctx) -> None:
         "new model that shares the untouched weights. Data randomization (retraining on shuffled labels) is out "
         "of scope: it needs training."
     )
-    box = _slot(run_key(ctx, kind))
+    box = result_slot(run_key(ctx, kind))
     if "run" not in box:
         steps = c.depth + 3
         if not st.button(
