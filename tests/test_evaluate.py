@@ -92,7 +92,7 @@ def test_csv_equals_the_probes_run_directly(run, tiny, images):
     rows = {(r["image"], r["map"], r["mode"], r["direction"]): r for r in _rows(run / "faithfulness.csv")}
     assert len(rows) == 3 * len(MAPS) * 2 * 2
     for mode in ("drop", "pixels"):
-        # the command seeds the random orders with --seed + 1 + the index of the batch's first image
+        # the command seeds image i's random orders with [--seed + 1, i]
         curves = probes.faithfulness_curves(
             lm.model, pixels, maps, mode=mode, steps=STEPS, target=fwd.target.numpy(), seed=TEST_SEED + 1
         )
@@ -264,6 +264,22 @@ def test_scene_batches_do_not_depend_on_the_batch_size():
         assert np.array_equal(np.concatenate([b.labels for b in got]), labels)
         assert np.array_equal(np.concatenate([b.masks for b in got]), masks)
         torch.testing.assert_close(torch.cat([b.pixels for b in got]), to_pixels(images))  # the demo's own input
+
+
+def test_baselines_do_not_depend_on_the_batch_size_and_foreign_labels_give_no_accuracy(tiny, tmp_path):
+    """The random order of image i is the same whether it runs in a batch of 1 or of 4; scenes
+    scored by a model whose classes are not the demo's shapes get no top-1 accuracy."""
+    got = {}
+    for bs in (1, 4):
+        out = tmp_path / f"bs{bs}"
+        argv = ["--model", str(tiny), "--out", str(out), "--scenes", "4", "--steps", "3", "--batch-size", str(bs)]
+        assert ev.main([*argv, "--modes", "drop", "--randomization", "none"]) == 0
+        got[bs] = {(r["image"], r["map"], r["direction"]): r for r in _rows(out / "faithfulness.csv")}
+        s = json.loads((out / "summary.json").read_text())
+        assert "top1_accuracy" not in s and "not the demo scenes' shapes" in s["top1_accuracy_note"]
+    assert got[1].keys() == got[4].keys()
+    for key, row in got[1].items():
+        assert row["auc_probability"] == got[4][key]["auc_probability"], key
 
 
 @pytest.mark.slow

@@ -431,3 +431,17 @@ def test_probe_batches_keep_one_layers_scores_bounded():
     assert probes.probe_batch_size(large) == 2
     c = large
     assert probes.probe_batch_size(large) * c.num_heads * c.num_tokens**2 * 4 <= probes.PROBE_BATCH_BYTES
+
+
+def test_the_favoured_map_is_never_a_baseline():
+    fr = np.linspace(0, 1, 3)
+
+    def curves(**rows):
+        scores = {(k, "deletion"): np.array([v]) for k, v in rows.items()}
+        return probes.Curves("drop", 2, fr, np.array([0, 1, 2]), np.array([0]), scores, None, "p", maps=tuple(rows))
+
+    f = probes.favoured(curves(rollout=[1, 0.5, 0], centre_prior=[1, 0, 0], random=[1, 1, 0]))
+    assert f["map"] == "rollout" and f["auc"] == pytest.approx(0.5)
+    assert f["margin_vs_random"] == pytest.approx(0.25) and f["margin_vs_centre"] == pytest.approx(-0.25)
+    with pytest.raises(ValueError):
+        probes.favoured(curves(centre_prior=[1, 0, 0], random=[1, 1, 0]))

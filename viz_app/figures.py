@@ -97,7 +97,9 @@ def clickable_view(
     H, W = view.shape[:2]
     gh, gw = H // patch_size, W // patch_size
     rr, cc = np.mgrid[0:gh, 0:gw]
-    image = dict(type="image", z=np.asarray(view), hoverinfo="skip")
+    # pixel i spans [i, i + 1] (x0 = y0 = 0.5: plotly centres pixel i on x0 + i), so patch c spans
+    # [c * p, (c + 1) * p] like the grid lines, the click points and every box drawn over it
+    image = dict(type="image", z=np.asarray(view), x0=0.5, y0=0.5, hoverinfo="skip")
     points = dict(
         type="scatter",
         x=((cc + 0.5) * patch_size).ravel(),

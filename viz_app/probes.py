@@ -129,6 +129,7 @@ def faithfulness_curves(
     baselines: bool = True,
     random_orders: int = 3,
     seed: int = 0,
+    image_ids: Sequence[int] | None = None,
     head_mask: Tensor | None = None,
     head_fill: str = "zero",
     batch_size: int | None = None,
@@ -141,6 +142,8 @@ def faithfulness_curves(
     (or (gh, gw) for all images). baselines adds the centre prior and a random order (the mean
     curve of `random_orders` seeded permutations per image). mode: 'drop' or 'pixels'
     (REMOVAL_MODES). target: (B,) classes, default each image's unperturbed top-1.
+    seed, image_ids: image b's random orders come from the generator [seed, image_ids[b]]
+    (default b), so a dataset's baselines do not depend on how it is cut into batches.
     head_mask/head_fill: run every input with these heads ablated (see the model's forward).
     Every perturbed input of every curve is batched (batch_size at a time, default
     probe_batch_size); inputs that are the same (step 0, removing everything) run once.
@@ -159,9 +162,12 @@ def faithfulness_curves(
     for name, m in maps.items():
         for d in directions:
             orders[(name, d)] = [[removal_order(m[b], d)] for b in range(B)]
+    if image_ids is not None and len(image_ids) != B:
+        raise ValueError(f"image_ids must name the {B} images of the batch, got {len(image_ids)}")
     if baselines and random_orders > 0:
         for d in directions:
-            orders[(RANDOM, d)] = [_random_orders(N, random_orders, seed, b) for b in range(B)]
+            ids = range(B) if image_ids is None else image_ids
+            orders[(RANDOM, d)] = [_random_orders(N, random_orders, seed, int(i)) for i in ids]
     # Every distinct (image, removed set) once.
     jobs: dict[tuple[int, bytes], int] = {}
     job_list: list[tuple[int, np.ndarray]] = []
@@ -278,16 +284,28 @@ def _run_jobs(model, pixels, job_list, mode, head_mask, head_fill, batch_size, p
 
 def favoured(curves: Curves, direction: str = "deletion") -> dict:
     """Which map the curves favour for image 0: for deletion the smallest AUC, for insertion the
-    largest, with its margin over the random order (AUC units) where that was run."""
-    keys = [k for k in curves.scores if k[1] == direction and k[0] != RANDOM]
+    largest, among the maps (the baselines are never the answer), with its margin over the random
+    order and over the centre prior (AUC units, positive = the map is better) where those ran."""
+    better = min if direction == "deletion" else max
+    keys = [k for k in curves.scores if k[1] == direction and k[0] not in BASELINES]
     aucs = {k[0]: float(curves.auc(k)[0]) for k in keys}
-    best = (min if direction == "deletion" else max)(aucs, key=aucs.get)
-    rnd = curves.scores.get((RANDOM, direction))
-    margin = None
-    if rnd is not None:
-        r = float(curves.auc((RANDOM, direction))[0])
-        margin = (r - aucs[best]) if direction == "deletion" else (aucs[best] - r)
-    return {"map": best, "auc": aucs[best], "aucs": aucs, "margin_vs_random": margin}
+    if not aucs:
+        raise ValueError("no map besides the baselines to compare")
+    best = better(aucs, key=aucs.get)
+
+    def margin(baseline: str) -> float | None:
+        if (baseline, direction) not in curves.scores:
+            return None
+        b = float(curves.auc((baseline, direction))[0])
+        return (b - aucs[best]) if direction == "deletion" else (aucs[best] - b)
+
+    return {
+        "map": best,
+        "auc": aucs[best],
+        "aucs": aucs,
+        "margin_vs_random": margin(RANDOM),
+        "margin_vs_centre": margin(CENTRE),
+    }
 
 
 # ---------------------------------------------------------------------------------------------

@@ -330,6 +330,13 @@ def favoured_sentence(curves: probes.Curves, direction: str, class_name: str | N
         )
     elif margin < 0.02:
         text += " That is hardly better than a random order."
+    centre = f["margin_vs_centre"]
+    if centre is not None and centre < 0:
+        c_auc = float(curves.auc((probes.CENTRE, direction))[0])
+        text += (
+            f" The centre prior, which knows nothing of the image, does better still (AUC {c_auc:.3f}): "
+            "on this image the maps do not beat a guess that the object is in the middle."
+        )
     return text
 
 

@@ -399,6 +399,8 @@ def draw(ctx: Ctx) -> None:
         st.error(f"Head ablation failed: {e}")
     st.divider()
     st.subheader("Token dropping")
+    if state.read("pr_ablate"):
+        st.caption("Token dropping runs the full model: the heads removed above are not removed here.")
     try:
         draw_dropping(ctx)
     except (ValueError, RuntimeError) as e:

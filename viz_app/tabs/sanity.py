@@ -260,18 +260,32 @@ def randomization_sentence(rnd: probes.Randomization) -> str:
         where = "once the head and every block are re-initialized"
     else:
         blocks = [i for i, lab in enumerate(rnd.labels) if lab.startswith("block ")]
-        found = {k: float(np.nanmin(rnd.spearman[k][blocks, 0])) for k in names}
+        found = {
+            k: float(np.nanmin(v)) if np.isfinite(v := rnd.spearman[k][blocks, 0]).any() else float("nan")
+            for k in names
+        }
         where = "for the block whose re-initialization changes it most"
     listed = ", ".join(f"{probes.label(k)} {v:.2f}" for k, v in found.items())
     barely = [probes.label(k) for k, v in found.items() if v > BARELY]
+    undefined = [probes.label(k) for k, v in found.items() if v != v]
     text = f"Spearman with the original map {where}: {listed}."
+    if undefined:
+        text += (
+            f" Undefined (nan) for {', '.join(undefined)}: a constant map has no order to compare, so no "
+            "conclusion can be drawn for it."
+        )
+        if len(undefined) == len(found):
+            return text
     if barely:
         text += (
             f" {', '.join(barely)} barely change{'s' if len(barely) == 1 else ''} (Spearman above {BARELY}): "
             "such a map explains the image rather than the model."
         )
     else:
-        text += f" No map keeps a Spearman above {BARELY}: every map depends on the weights, as it should."
+        text += (
+            f" No {'other ' if undefined else ''}map keeps a Spearman above {BARELY}: "
+            f"{'they depend' if undefined else 'every map depends'} on the weights, as {'they' if undefined else 'it'} should."
+        )
     return text
 
 
@@ -298,6 +312,10 @@ def randomization_section(ctx: Ctx) -> None:
         "new model that shares the untouched weights. Data randomization (retraining on shuffled labels) is out "
         "of scope: it needs training."
     )
+    if state.read("pr_ablate"):
+        st.caption(
+            "The heads removed on the Probes tab are not removed here: randomization starts from the full model."
+        )
     box = result_slot(run_key(ctx, kind))
     if "run" not in box:
         steps = c.depth + 3

@@ -153,7 +153,10 @@ def slider(label: str, lo, hi, default, *, key: str, **kw):
     def ok(v):
         return isinstance(v, int | float) and lo <= v <= hi
 
-    if _fit(key, ok, lambda v: _clamp(v, lo, hi) if isinstance(v, int | float) else default):
+    def fix(v):  # a number outside the range is clamped; NaN (from a link) takes the default
+        return _clamp(v, lo, hi) if isinstance(v, int | float) and v == v else default
+
+    if _fit(key, ok, fix):
         return st.slider(label, lo, hi, key=key, **KEEP, **kw)
     return st.slider(label, lo, hi, default, key=key, **KEEP, **kw)
 
