@@ -112,6 +112,11 @@ class PreparedImage:
         return ((x + self.crop_box[0]) * sx, (y + self.crop_box[1]) * sy)
 
 
+# Above this many pixels the resized image is never made whole (see prepare_image): 64 MP, 192 MB
+# of RGB, far above any normal photo's resize (a 50 MP photo's shorter side becomes 256 px).
+MAX_RESIZED_PIXELS = 64 * 2**20
+
+
 def prepare_image(img: Image.Image, pre: Preprocessing) -> PreparedImage:
     """RGB image -> the model's input, resized and cropped as the weights expect."""
     H, W = pre.input_size
@@ -132,6 +137,13 @@ def prepare_image(img: Image.Image, pre: Preprocessing) -> PreparedImage:
         left = int(round((size[0] - W) / 2.0))
         top = int(round((size[1] - H) / 2.0))
         box = (left, top, left + W, top + H)
+    if size[0] * size[1] > MAX_RESIZED_PIXELS and box != (0, 0, *size):
+        # An extreme aspect ratio (a 1 x 400000 strip) would make the full resize gigabytes: resample
+        # only the source region that the crop keeps, at the same scale (PIL's resize with a box).
+        sx, sy = size[0] / w0, size[1] / h0
+        source = (box[0] / sx, box[1] / sy, box[2] / sx, box[3] / sy)
+        view = np.asarray(img.resize((W, H), RESAMPLE[pre.interpolation], box=source), dtype=np.uint8)
+        return _finish(view, pre, (w0, h0), size, box)
     resized = img.resize(size, RESAMPLE[pre.interpolation]) if size != (w0, h0) else img
     view = np.asarray(resized.crop(box) if box != (0, 0, *size) else resized, dtype=np.uint8)
     return _finish(view, pre, (w0, h0), size, box)

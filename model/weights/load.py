@@ -51,6 +51,25 @@ class LoadedModel:
         return self.model.pos_embed.dtype
 
 
+MAX_IMAGE_SIDE = 4096  # pixels; a ViT-B/16 at 4096 px has 65536 tokens, already beyond any memory here
+
+
+def _check_image_size(image_size) -> None:
+    """image_size must be None, a side or (height, width), each an integer in 1..MAX_IMAGE_SIDE
+    (0 used to be taken as 'not given')."""
+    if image_size is None:
+        return
+    sides = (image_size, image_size) if isinstance(image_size, int) else image_size
+    try:
+        ok = len(sides) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_IMAGE_SIDE for v in sides
+        )
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"image size must be a whole number of pixels from 1 to {MAX_IMAGE_SIDE}, got {image_size!r}")
+
+
 def load_checkpoint(
     source: str | Path,
     *,
@@ -72,6 +91,7 @@ def load_checkpoint(
         (default: bicubic with antialias as in timm, or the family's own method).
     overrides: ViTConfig fields to force where shapes cannot tell (e.g. {"num_heads": 16}).
     """
+    _check_image_size(image_size)
     src = str(source)
     name = src
     curated = PRETRAINED.get(src)

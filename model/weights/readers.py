@@ -109,19 +109,19 @@ def _check_safetensors_header(p: Path) -> None:
         (n,) = struct.unpack("<Q", head[:8])
         if head[8:9] != b"{":  # the format requires the JSON header to start right there with '{'
             raise _not_safetensors(p.name, head)
+        # the length comes from the file's first bytes: never echoed (they may be someone's secret)
         if n > size - 8:
             raise CheckpointError(
-                f"{p.name} is truncated or not a safetensors file: its header claims {n} bytes but the file has {size}"
+                f"{p.name} is truncated or not a safetensors file: its header length is larger than the file"
             )
         if n > SAFETENSORS_MAX_HEADER:
             raise CheckpointError(
-                f"{p.name}: safetensors header claims {n} bytes, more than the "
-                f"{SAFETENSORS_MAX_HEADER // 2**20} MiB accepted"
+                f"{p.name}: its safetensors header is longer than the {SAFETENSORS_MAX_HEADER // 2**20} MiB accepted"
             )
         f.seek(8)
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: [[[[... nested
             raise CheckpointError(f"{p.name} is not a valid safetensors file: its header is not valid JSON") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{p.name} is not a valid safetensors file: its header is not a JSON object")
@@ -148,10 +148,37 @@ def read_weights_file(path: str | Path) -> dict[str, Tensor]:
     if not magic:
         raise CheckpointError(f"{p.name} is empty")
     if p.suffix == ".npz" or (magic[:2] == b"PK" and _is_npz(p)):
-        return read_npz(p)
-    if p.suffix == ".safetensors" or _looks_like_safetensors(magic):
-        return read_safetensors(p)
-    return read_torch(p)
+        reader = read_npz
+    elif p.suffix == ".safetensors" or _looks_like_safetensors(magic):
+        reader = read_safetensors
+    else:
+        reader = read_torch
+    # One boundary around every reader: whatever a hostile file makes a library raise (torch's
+    # unpickler has raised IndexError and KeyError on a text file) becomes one CheckpointError
+    # that names the file, never a traceback, and never the file's content.
+    try:
+        tensors = reader(p)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the one place that turns any reader failure into a message
+        raise CheckpointError(f"{p.name} could not be read as a checkpoint ({type(e).__name__})") from None
+    return _check_tensors(tensors, p)
+
+
+def _check_tensors(tensors: dict[str, Tensor], p: Path) -> dict[str, Tensor]:
+    """Only plain dense tensors: no sparse, quantized or meta tensors (they pass the unpickler and
+    fail later), and none expanded from a smaller storage (a stride-0 tensor of a few bytes in the
+    file that would take gigabytes once made contiguous)."""
+    for k, t in tensors.items():
+        if t.layout != torch.strided or t.is_meta or t.is_quantized:
+            kind = "meta" if t.is_meta else "quantized" if t.is_quantized else str(t.layout).replace("torch.", "")
+            raise CheckpointError(f"{p.name}: tensor {k!r} is a {kind} tensor; only dense tensors are supported")
+        if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+            raise CheckpointError(
+                f"{p.name}: tensor {k!r} is expanded from a smaller storage (a zero stride); "
+                "save it with .contiguous() or .clone()"
+            )
+    return tensors
 
 
 def _is_npz(p: Path) -> bool:
