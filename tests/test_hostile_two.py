@@ -105,3 +105,20 @@ def test_an_image_size_out_of_range_is_a_usage_error(tmp_path, size, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "image size" in err[0]
+
+
+@pytest.mark.app
+@pytest.mark.parametrize("grid", [1, 3, 4])
+def test_the_embeddings_tab_opens_for_grids_without_patches_4_apart(tmp_path, grid):
+    from safetensors.torch import save_file
+    from test_trust import open_tab, start
+
+    from model import VisionTransformer, ViTConfig
+
+    cfg = ViTConfig(image_size=8 * grid, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_dim=64, num_classes=3)
+    m = VisionTransformer(cfg)
+    m.init_weights(seed=0)
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"format": "vit-lens", "config": cfg.to_dict()}))
+    at = open_tab(start(tmp_path), "Embeddings")  # open_tab asserts no exception and no error
+    assert any(f"the {grid}x{grid} grid has no patches 4 or more apart" in c.value for c in at.caption)

@@ -61,8 +61,10 @@ def neighbour_contrast(sim: Tensor, grid: tuple[int, int], *, far: int = 4) -> f
     dy, dx = _grid_offsets(grid)
     near = (dy + dx) == 1
     away = torch.maximum(dy, dx) >= far
-    if not away.any():
-        raise ValueError(f"grid {grid} has no patches {far} or more apart")
+    if not away.any() or not near.any():
+        raise ValueError(
+            f"grid {grid} has no patches {far} or more apart" if near.any() else f"grid {grid} has no neighbours"
+        )
     return float(sim[near].mean() - sim[away].mean())
 
 

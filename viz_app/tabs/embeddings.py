@@ -36,10 +36,11 @@ def draw(ctx: Ctx) -> None:
         a, b = st.columns(2)
         pr = state.number("Patch row", 0, gh - 1, gh // 2, key="pe_row", container=a)
         pc = state.number("Patch column", 0, gw - 1, gw // 2, key="pe_col", container=b)
-        st.caption(
-            f"Neighbour contrast (4-neighbours minus 4+ apart): {A.neighbour_contrast(sim, c.grid):.3f}. "
-            "Click a tile of the grid below to show it large."
-        )
+        try:
+            contrast = f"Neighbour contrast (4-neighbours minus 4+ apart): {A.neighbour_contrast(sim, c.grid):.3f}."
+        except ValueError:  # grids of 4 x 4 or fewer patches have no patches 4 apart
+            contrast = f"No neighbour contrast: the {gh}x{gw} grid has no patches 4 or more apart."
+        st.caption(f"{contrast} Click a tile of the grid below to show it large.")
     with left:
         st.plotly_chart(
             figures.patch_heatmap(
