@@ -38,6 +38,9 @@ def run_forward(
     gradients: bool = False,
     target: Tensor | None = None,
     attention_out: Tensor | None = None,
+    keep: Tensor | None = None,
+    head_mask: Tensor | None = None,
+    head_fill: str = "zero",
 ) -> Forward:
     """pixels (B, 3, H, W) on the model's device and dtype.
 
@@ -46,11 +49,13 @@ def run_forward(
     are not touched (no .grad written): the graph is built from the input. Images in a batch are
     independent, so the gradient of the summed target logits is each image's own gradient.
     attention_out: a block to write the maps into (see VisionTransformer.forward); without
-    gradients, the returned attentions are then a view of it.
+    gradients, the returned attentions are then a view of it. keep, head_mask, head_fill: the
+    causal probes of VisionTransformer.forward (tokens dropped, heads removed), passed through.
     """
+    probe = dict(keep=keep, head_mask=head_mask, head_fill=head_fill)
     if not gradients:
         with torch.inference_mode():
-            out = model(pixels, output_attentions=True, output_token_norms=True, attention_out=attention_out)
+            out = model(pixels, output_attentions=True, output_token_norms=True, attention_out=attention_out, **probe)
             return Forward(
                 logits=None if out.logits is None else out.logits.float(),
                 features=out.features.float(),
@@ -63,7 +68,7 @@ def run_forward(
         raise ValueError("class-specific maps need a model with a classifier head")
     x = pixels.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        out = model(x, output_attentions=True, output_token_norms=True)
+        out = model(x, output_attentions=True, output_token_norms=True, **probe)
         logits = out.logits
         if target is None:
             target = logits.argmax(dim=-1)

@@ -27,6 +27,7 @@ from model.vit import VisionTransformer
 from model.weights.load import LoadedModel
 from viz_app import analysis as A
 from viz_app import probes
+from viz_app.analysis.faithfulness import centre_prior
 from viz_app.demo.scenes import make_batch, patch_shares
 from viz_app.demo.train import to_pixels
 from viz_app.pipeline import run_forward
@@ -87,13 +88,6 @@ def energy(maps: np.ndarray, pmask: np.ndarray) -> np.ndarray:
     w = pmask.reshape(len(maps), -1)
     inside = (m * w).sum(1) / np.maximum(m.sum(1), 1e-12)
     return inside / np.maximum(w.mean(1), 1e-12)
-
-
-def centre_prior(grid: tuple[int, int]) -> np.ndarray:
-    gh, gw = grid
-    yy, xx = np.mgrid[0:gh, 0:gw]
-    d = np.hypot(yy - (gh - 1) / 2, xx - (gw - 1) / 2)
-    return d.max() - d  # non-negative, highest in the centre
 
 
 def reinitialized(lm: LoadedModel, seed: int = 0) -> VisionTransformer:

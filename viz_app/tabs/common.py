@@ -75,6 +75,11 @@ class Ctx:
         return replace(self, lm=lm, result=result)
 
     @property
+    def pixels(self):
+        """(1, 3, H, W) this image's model input on the model's device and dtype."""
+        return self.result.prepared.pixels[None].to(self.lm.device, self.lm.dtype)
+
+    @property
     def kw(self) -> dict:
         c = self.lm.config
         return dict(num_prefix=c.num_prefix_tokens, grid=c.grid)

@@ -20,10 +20,9 @@ import plotly.graph_objects as go
 import streamlit as st
 import torch
 
-from model.weights.load import LoadedModel
 from viz_app import probes, render, report
 from viz_app.analysis.faithfulness import DIRECTIONS
-from viz_app.pipeline import Forward
+from viz_app.pipeline import run_forward
 from viz_app.tabs import state
 from viz_app.tabs.common import Ctx, result_slot, rollout_settings, target_class
 
@@ -124,42 +123,6 @@ def setup_from_state(ctx: Ctx, mode: str, steps: int) -> Setup:
 # ---- computation --------------------------------------------------------------------------------
 
 
-def model_pixels(lm: LoadedModel, ctx: Ctx) -> torch.Tensor:
-    """(1, 3, H, W) this image's input on the model's device and dtype."""
-    return ctx.result.prepared.pixels[None].to(lm.device, lm.dtype)
-
-
-def forward_with_heads(
-    lm: LoadedModel, pixels: torch.Tensor, head_mask: torch.Tensor, fill: str, target: int | None
-) -> Forward:
-    """run_forward with heads removed: attentions and, for a classifier, d logit[target] / d
-    attention of the ablated model (the graph is built from the input; no parameter is touched)."""
-    model = lm.model
-    if model.head is None or target is None:
-        with torch.inference_mode():
-            out = model(pixels, output_attentions=True, output_token_norms=True, head_mask=head_mask, head_fill=fill)
-            attn = out.attention_stack if out.attention_stack is not None else torch.stack(out.attentions, dim=1)
-            return Forward(
-                logits=None if out.logits is None else out.logits.float(),
-                features=out.features.float(),
-                attentions=attn.float(),
-                token_norms=out.token_norms.float(),
-            )
-    x = pixels.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        out = model(x, output_attentions=True, output_token_norms=True, head_mask=head_mask, head_fill=fill)
-        chosen = out.logits[:, target].sum()
-        grads = torch.autograd.grad(chosen, out.attentions)
-    return Forward(
-        logits=out.logits.detach().float(),
-        features=out.features.detach().float(),
-        attentions=torch.stack([a.detach() for a in out.attentions], dim=1).float(),
-        token_norms=out.token_norms.detach().float(),
-        grads=torch.stack(grads, dim=1).float(),
-        target=torch.tensor([target]),
-    )
-
-
 def maps_for(ctx: Ctx, setup: Setup) -> dict[str, np.ndarray]:
     """The maps compared, (1, gh, gw) each: from the cached forward pass and gradient map when no
     head is removed, else from one forward (and backward) pass of the ablated model."""
@@ -174,7 +137,10 @@ def maps_for(ctx: Ctx, setup: Setup) -> dict[str, np.ndarray]:
             }
         return maps
     mask = probes.head_mask_for(lm.config, setup.ablate)
-    fwd = forward_with_heads(lm, model_pixels(lm, ctx), mask, setup.fill, setup.target)
+    target = None if setup.target is None else torch.tensor([setup.target])
+    fwd = run_forward(
+        lm.model, ctx.pixels, gradients=target is not None, target=target, head_mask=mask, head_fill=setup.fill
+    )
     return probes.attribution_maps(lm, fwd, setup.rollout_kw, head=setup.head)
 
 
@@ -185,7 +151,7 @@ def compute(ctx: Ctx, setup: Setup, progress=None) -> tuple[probes.Curves, dict[
     mask = probes.head_mask_for(lm.config, setup.ablate)
     curves = probes.faithfulness_curves(
         lm.model,
-        model_pixels(lm, ctx),
+        ctx.pixels,
         maps,
         mode=setup.mode,
         steps=setup.steps,
@@ -214,10 +180,6 @@ def cached_curves(ctx: Ctx, setup: Setup) -> tuple[probes.Curves, dict[str, np.n
 # ---- what is shown -------------------------------------------------------------------------------
 
 
-def map_name(key: str) -> str:
-    return probes.label(key)
-
-
 def colour(key: str) -> str:
     return COLOURS.get(key, HEAD_COLOUR)
 
@@ -244,10 +206,10 @@ def curve_figure(curves: probes.Curves, direction: str, *, class_name: str | Non
                 x=curves.fractions.tolist(),
                 y=curves.scores[key][0].tolist(),
                 mode="lines+markers",
-                name=f"{map_name(name)} (AUC {auc:.3f})",
+                name=f"{probes.label(name)} (AUC {auc:.3f})",
                 line=dict(color=colour(name), dash="dash" if base else "solid", width=2),
                 marker=dict(size=5),
-                hovertemplate=f"{map_name(name)}<br>removed %{{x:.0%}}<br>score %{{y:.3f}}<extra></extra>",
+                hovertemplate=f"{probes.label(name)}<br>removed %{{x:.0%}}<br>score %{{y:.3f}}<extra></extra>",
             )
         )
     yaxis = dict(title=dict(text=y_title(curves, class_name)), zeroline=False)
@@ -273,10 +235,10 @@ def auc_table(curves: probes.Curves) -> dict[str, dict[str, float]]:
         for d in DIRECTIONS:
             if (name, d) not in curves.scores:
                 continue
-            cols.setdefault(f"{d} AUC", {})[map_name(name)] = round(float(curves.auc((name, d))[0]), 3)
+            cols.setdefault(f"{d} AUC", {})[probes.label(name)] = round(float(curves.auc((name, d))[0]), 3)
             if curves.agree is not None:
                 agree = round(float(curves.auc_agree((name, d))[0]), 3)
-                cols.setdefault(f"{d} AUC, top-1", {})[map_name(name)] = agree
+                cols.setdefault(f"{d} AUC, top-1", {})[probes.label(name)] = agree
     return cols
 
 
@@ -304,11 +266,11 @@ def favoured_sentence(curves: probes.Curves, direction: str, class_name: str | N
     """Which map the curves favour for this image, and its margin against random order (AUCs with
     3 decimals, as in the table)."""
     f = probes.favoured(curves, direction)
-    best, auc, margin = map_name(f["map"]), f["auc"], f["margin_vs_random"]
+    best, auc, margin = probes.label(f["map"]), f["auc"], f["margin_vs_random"]
     what = f"the probability of '{class_name}'" if class_name else "the similarity to the unperturbed features"
     rnd = None if margin is None else float(curves.auc((probes.RANDOM, direction))[0])
     against = "" if rnd is None else f" (random order {rnd:.3f})"
-    ties = [map_name(k) for k, v in f["aucs"].items() if k != f["map"] and abs(v - auc) < 5e-4]
+    ties = [probes.label(k) for k, v in f["aucs"].items() if k != f["map"] and abs(v - auc) < 5e-4]
     if ties and len(ties) == len(f["aucs"]) - 1:
         return (
             f"{direction.capitalize()} does not tell the maps apart on this image: every map's AUC is "
@@ -349,7 +311,7 @@ def thumbnails(maps: dict[str, np.ndarray], grid: tuple[int, int]) -> None:
     scale = max(1, int(np.ceil(96 / max(grid))))
     for col, (name, heat) in zip(cols, shown.items()):
         img = render.colorize(np.kron(heat, np.ones((scale, scale))))
-        col.image(img, caption=map_name(name), width="stretch")
+        col.image(img, caption=probes.label(name), width="stretch")
 
 
 def draw(ctx: Ctx) -> None:

@@ -25,6 +25,7 @@ import torch
 
 from viz_app import analysis as A
 from viz_app import colormaps, figures, probes, render, report
+from viz_app.pipeline import run_forward
 from viz_app.tabs import state
 from viz_app.tabs.common import (
     NO_TOOLBAR,
@@ -145,22 +146,15 @@ def _memo(ctx: Ctx, what: str, key: tuple, compute: Callable[[], object]):
     return value
 
 
-def _pixels(ctx: Ctx) -> torch.Tensor:
-    return ctx.result.prepared.pixels[None].to(ctx.lm.device, ctx.lm.dtype)
-
-
 def run_probe(ctx: Ctx, *, heads: Sequence[tuple[int, int]] = (), fill: str = "zero", keep=None) -> dict:
     """One forward pass with the heads removed and/or only the `keep` patches in the sequence:
     logits (C,) or None and the attention maps (L, H, T', T'), float32 on the CPU."""
-    model = ctx.lm.model
     mask = probes.head_mask_for(ctx.lm.config, list(heads))
     keep_t = None if keep is None else torch.as_tensor(np.asarray(keep, np.int64))
-    with torch.inference_mode():
-        out = model(_pixels(ctx), head_mask=mask, head_fill=fill, keep=keep_t)
-    stack = out.attention_stack if out.attention_stack is not None else torch.stack(out.attentions, 1)
+    fwd = run_forward(ctx.lm.model, ctx.pixels, keep=keep_t, head_mask=mask, head_fill=fill)
     return {
-        "logits": None if out.logits is None else out.logits[0].float().cpu().numpy(),
-        "attentions": stack[0].float().cpu(),
+        "logits": None if fwd.logits is None else fwd.logits[0].cpu().numpy(),
+        "attentions": fwd.attentions[0].cpu(),
     }
 
 
@@ -168,7 +162,7 @@ def rank_heads(ctx: Ctx, target: int, fill: str, base: Sequence[tuple[int, int]]
     """(L, H) drop of the target logit when each head alone is removed on top of `base`."""
     return probes.head_effects(
         ctx.lm.model,
-        _pixels(ctx),
+        ctx.pixels,
         target,
         base_mask=probes.head_mask_for(ctx.lm.config, list(base)),
         head_fill=fill,
@@ -506,7 +500,7 @@ def effects_panel(ctx: Ctx, removed: list[tuple[int, int]], fill: str, target: i
         ctx,
         "alone",
         (tuple(removed), fill, target),
-        lambda: probes.head_effects(ctx.lm.model, _pixels(ctx), target, heads=removed, head_fill=fill),
+        lambda: probes.head_effects(ctx.lm.model, ctx.pixels, target, heads=removed, head_fill=fill),
     )
     rows = {
         "removed": [head_name(la, h) for la, h in removed],

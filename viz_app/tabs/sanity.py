@@ -139,7 +139,7 @@ def run_randomization(ctx: Ctx, kind: str, progress=None) -> probes.Randomizatio
     options = report.rollout_options(lm.config, rollout_settings(ctx))
     head = faithfulness.chosen_head(ctx)
     cls = target_class(ctx)
-    pixels = ctx.result.prepared.pixels[None].to(lm.device, lm.dtype)
+    pixels = ctx.pixels
     return probes.randomization(
         lm.model,
         pixels,
