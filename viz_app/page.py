@@ -104,17 +104,11 @@ def memory_fits(lm: LoadedModel, key: tuple[str, str, str]) -> bool:
     ran = st.session_state["memory_ok"]
     if key in ran:
         return True
-    need = pipeline.analysis_memory_bytes(lm.config, lm.dtype)
-    free = pipeline.available_memory_bytes(lm.device)
-    if free is None or need <= 0.8 * free:
+    short = pipeline.memory_shortfall(lm.config, lm.dtype, lm.device)
+    if short is None:
         ran.add(key)
         return True
-    c = lm.config
-    st.warning(
-        f"The analysis of one image with this model needs about {need / 2**30:.1f} GB "
-        f"({c.depth} layers x {c.num_heads} heads x {c.num_tokens}^2 attention values), but only "
-        f"{free / 2**30:.1f} GB is free on {lm.device}. Choose a smaller input size or model, or another device."
-    )
+    st.warning(f"{short[0].upper()}{short[1:]}. Choose a smaller input size or model, or another device.")
     if st.button("Run anyway", key="mem_override"):
         ran.add(key)
         return True

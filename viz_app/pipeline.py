@@ -127,3 +127,33 @@ def available_memory_bytes(device: torch.device | str) -> int | None:
     except (OSError, ValueError):
         pass
     return min(found) if found else None
+
+
+# The share of free memory an analysis may plan to use; the rest is left to the OS, other sessions
+# and what the estimate leaves out.
+MEMORY_SHARE = 0.8
+
+
+def memory_shortfall(
+    config: ViTConfig,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    *,
+    batch: int = 1,
+    gradients: bool = False,
+    extra_bytes: int = 0,
+) -> str | None:
+    """None when `batch` images' analysis (plus extra_bytes, e.g. the decoded images held at once)
+    fits in MEMORY_SHARE of the free memory where it would run; else one sentence saying how much
+    it needs and how much is free. The one estimate the app and the CLI both check before running."""
+    need = analysis_memory_bytes(config, dtype, batch=batch, gradients=gradients) + int(extra_bytes)
+    free = available_memory_bytes(device)
+    if free is None or need <= MEMORY_SHARE * free:
+        return None
+    what = "one image" if batch == 1 else f"a batch of {batch} images"
+    return (
+        f"the analysis of {what} with this model needs about {need / 2**30:.1f} GB "
+        f"({config.depth} layers x {config.num_heads} heads x {config.num_tokens}^2 attention values), "
+        f"but only {free / 2**30:.1f} GB is free on {torch.device(device)}"
+    )
+
