@@ -122,3 +122,141 @@ def test_the_embeddings_tab_opens_for_grids_without_patches_4_apart(tmp_path, gr
     (tmp_path / "config.json").write_text(json.dumps({"format": "vit-lens", "config": cfg.to_dict()}))
     at = open_tab(start(tmp_path), "Embeddings")  # open_tab asserts no exception and no error
     assert any(f"the {grid}x{grid} grid has no patches 4 or more apart" in c.value for c in at.caption)
+
+
+# --- decode work (issue 14, group 1): structure that declares more work than the pixels need ---
+
+
+def _jpeg_segments(data: bytes) -> list[bytes]:
+    """A JPEG's segments between SOI and EOI, each scan with its entropy-coded data."""
+    i, out = 2, []
+    while data[i + 1] != 0xD9:
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        j = i + 2 + length
+        if data[i + 1] == 0xDA:
+            while not (data[j] == 0xFF and data[j + 1] not in (0x00, *range(0xD0, 0xD8))):
+                j += 1
+        out.append(data[i:j])
+        i = j
+    return out
+
+
+def _progressive_jpeg(size=(64, 48)) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rgb = np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", progressive=True, quality=90)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("repeats", [91, 500, 5000])
+def test_a_jpeg_with_too_many_scans_is_refused_before_decoding(repeats):
+    """Scans are counted by walking the segments; each one would be decoded over the whole image."""
+    from model.preprocess import MAX_JPEG_SCANS, ImageError, load_image
+
+    segments = _jpeg_segments(_progressive_jpeg())
+    scan = next(s for s in reversed(segments) if s[1] == 0xDA)
+    data = b"\xff\xd8" + b"".join(segments) + scan * repeats + b"\xff\xd9"
+    scans = sum(s[1] == 0xDA for s in segments) + repeats
+    assert scans > MAX_JPEG_SCANS
+    with pytest.raises(ImageError, match=f"JPEG of {scans} scans; the limit is {MAX_JPEG_SCANS}"):
+        load_image(data, name="scans.jpg")
+
+
+def test_scans_inside_an_exif_thumbnail_are_not_counted():
+    """An APP1 segment holding a whole (progressive) JPEG: its SOS markers are content, skipped."""
+    from model.preprocess import _jpeg_scans, load_image
+
+    thumb = _progressive_jpeg((16, 16))
+    segments = _jpeg_segments(thumb)
+    inner = b"\xff\xd8" + b"".join(segments) + b"".join(s for s in segments if s[1] == 0xDA) * 20 + b"\xff\xd9"
+    app1 = b"\xff\xe1" + (len(inner) + 2).to_bytes(2, "big") + inner
+    outer = _progressive_jpeg()
+    data = outer[:2] + app1 + outer[2:]
+    assert _jpeg_scans(data) == _jpeg_scans(outer) == 10
+    assert load_image(data).size == (64, 48)
+
+
+def _strip_tiff(n: int, w: int = 8, h: int = 8, short: bool = False) -> bytes:
+    """An 8-bit grey little-endian TIFF whose StripOffsets and StripByteCounts list n entries."""
+    code, kind, width = ("H", 3, 2) if short else ("I", 4, 4)
+    pixels = bytes(k % 256 for k in range(w * h))
+    data_at = 8 + 2 + 8 * 12 + 4
+    rows = max(1, -(-h // n))
+    sizes = [max(0, min(rows, h - k * rows)) * w for k in range(n)]
+    offsets = [data_at + min(k * rows, h - 1) * w for k in range(n)]
+
+    def entry(tag, t, count, value):
+        return struct.pack("<HHII", tag, t, count, value)
+
+    def table(values, at):
+        packed = struct.pack(f"<{n}{code}", *values)
+        return (b"", struct.unpack("<I", packed.ljust(4, b"\0"))[0]) if len(packed) <= 4 else (packed, at)
+
+    offsets_bytes, offsets_value = table(offsets, data_at + len(pixels))
+    sizes_bytes, sizes_value = table(sizes, data_at + len(pixels) + len(offsets_bytes))
+    ifd = struct.pack("<H", 8) + b"".join(
+        [
+            entry(256, 3, 1, w),
+            entry(257, 3, 1, h),
+            entry(258, 3, 1, 8),
+            entry(259, 3, 1, 1),
+            entry(262, 3, 1, 1),
+            entry(273, kind, n, offsets_value),
+            entry(278, 3, 1, rows),
+            entry(279, kind, n, sizes_value),
+        ]
+    )
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + b"\0" * 4 + pixels + offsets_bytes + sizes_bytes
+
+
+@pytest.mark.parametrize("strips", [1, 2, 8])
+def test_a_tiff_with_as_many_strips_as_rows_loads(strips):
+    from model.preprocess import load_image
+
+    img = load_image(_strip_tiff(strips))
+    assert img.size == (8, 8) and img.getpixel((7, 7)) == (63, 63, 63)
+
+
+@pytest.mark.parametrize(("strips", "short"), [(9, False), (100_000, False), (2_000_000, True)])
+def test_a_tiff_listing_more_strips_than_rows_is_refused_quickly(strips, short):
+    """Pillow reads a strip table whole into Python ints: 3 M entries took 16 s and 1 GB here."""
+    out = _child(
+        textwrap.dedent(f"""
+        import json, sys, time
+        sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parent)!r})
+        from test_hostile_two import _strip_tiff
+        from model.preprocess import ImageError, load_image
+        data = _strip_tiff({strips}, short={short})
+        t = time.perf_counter()
+        try:
+            load_image(data, name="strips.tif")
+            message = None
+        except ImageError as e:
+            message = str(e)
+        out = dict(seconds=time.perf_counter() - t, message=message)
+        """)
+    )
+    assert out["message"] == f"strips.tif is a TIFF of 8 x 8 pixels that lists {strips} strips; it can have at most 8"
+    assert out["seconds"] < 2 and out["peak_mb"] < 400, out
+
+
+def test_decoding_stops_at_its_deadline(monkeypatch):
+    """Whatever gets past the structural checks stops once decoding has taken DECODE_SECONDS: the
+    clock is made to jump 10 s per read, so the deadline passes while the image is decoded."""
+    import itertools
+    import time as real_time
+
+    from model import preprocess
+    from model.preprocess import ImageError, load_image
+
+    data = _progressive_jpeg((256, 256))
+    assert load_image(data).size == (256, 256)
+    ticks = itertools.count(real_time.monotonic(), 10.0)
+    monkeypatch.setattr(preprocess, "_clock", lambda: next(ticks))
+    with pytest.raises(ImageError, match=r"slow.jpg took more than 15 s to decode; it was stopped"):
+        load_image(data, name="slow.jpg")
