@@ -7,6 +7,13 @@ validates the output of every function here in full instead.
 
 Every colour reaches plotly as an explicit `rgb(...)` string from viz_app/colormaps.py: named
 plotly scales and hex colours can collide with the placeholders Streamlit's theme replaces.
+
+NaN and infinite values (a broken checkpoint): plotly's JSON writer turns a NaN or infinite
+number in a list or a layout field into null, so a colour range or an axis range would silently
+lose its bound; in a binary-encoded array they stay IEEE values, which plotly.js skips. So every
+array passes through _values (non-finite -> NaN: a blank heat-map cell, a missing point) and every
+range is computed from the finite values only (_range, _top): no figure carries a non-finite
+bound.
 """
 
 from __future__ import annotations
@@ -31,6 +38,29 @@ def _title(text: str) -> dict:
 
 def _colorbar(title: str) -> dict:
     return dict(title=dict(text=title), thickness=12)
+
+
+def _values(values) -> np.ndarray:
+    """float64 copy with every NaN or infinite value as NaN: blank in a heat map, no point in a
+    scatter."""
+    v = np.array(values, dtype=np.float64)
+    v[~np.isfinite(v)] = np.nan
+    return v
+
+
+def _range(values, kind: str, zmin: float | None, zmax: float | None) -> tuple[float, float]:
+    """colormaps.value_range with a NaN or infinite bound counted as not given: always finite."""
+    zmin = zmin if zmin is not None and np.isfinite(zmin) else None
+    zmax = zmax if zmax is not None and np.isfinite(zmax) else None
+    lo, hi = colormaps.value_range(values, kind, zmin, zmax)
+    return float(lo), (float(hi) if hi > lo else float(lo) + 1.0)
+
+
+def _top(values, floor: float = 1.0) -> float:
+    """The largest finite value, at least `floor` (the top of an axis that starts at 0)."""
+    v = np.asarray(values, dtype=np.float64)
+    finite = v[np.isfinite(v)]
+    return max(floor, float(finite.max())) if finite.size else floor
 
 
 def head_colors(n: int) -> list[str]:
@@ -64,11 +94,11 @@ def patch_heatmap(
     marked: a patch (row, col) outlined (the query)."""
     gh, gw = values.shape
     cmap = colormaps.get(colorscale)
-    zmin, zmax = colormaps.value_range(values, cmap.kind, zmin, zmax)
+    zmin, zmax = _range(values, cmap.kind, zmin, zmax)
     rr, cc = np.mgrid[0:gh, 0:gw]
     trace = dict(
         type="heatmap",
-        z=np.asarray(values),
+        z=_values(values),
         zmin=zmin,
         zmax=zmax,
         colorscale=cmap.plotly_scale(),
@@ -156,10 +186,10 @@ def layer_head_matrix(
     """(L, H) per-head scalars (distance, entropy, shares) as a heat map: layers as rows, heads as
     columns, both counted from 1."""
     L, H = values.shape
-    zmin, zmax = colormaps.value_range(values, "sequential", zmin, zmax)
+    zmin, zmax = _range(values, "sequential", zmin, zmax)
     trace = dict(
         type="heatmap",
-        z=np.asarray(values),
+        z=_values(values),
         x=list(range(1, H + 1)),
         y=list(range(1, L + 1)),
         zmin=zmin,
@@ -180,7 +210,7 @@ def layer_head_matrix(
 
 def curves(series: dict[str, tuple[np.ndarray, np.ndarray]], *, title: str, x_title: str, y_title: str) -> go.Figure:
     data = [
-        dict(type="scatter", x=np.asarray(x), y=np.asarray(y), mode="lines+markers", name=name, line=dict(color=c))
+        dict(type="scatter", x=_values(x), y=_values(y), mode="lines+markers", name=name, line=dict(color=c))
         for (name, (x, y)), c in zip(series.items(), (BLUE, "rgb(230, 97, 1)", "rgb(94, 60, 153)", "rgb(27, 158, 119)"))
     ]
     layout = dict(
@@ -194,12 +224,15 @@ def curves(series: dict[str, tuple[np.ndarray, np.ndarray]], *, title: str, x_ti
 
 
 def top_classes(names: list[str], probs: list[float]) -> go.Figure:
+    """Horizontal bars of the top classes' probabilities; a NaN or infinite one has no bar and
+    reads 'no value'."""
+    p = _values(probs[::-1])
     bar = dict(
         type="bar",
-        x=list(probs[::-1]),
+        x=p,
         y=list(names[::-1]),
         orientation="h",
-        text=[f"{p:.1%}" for p in probs[::-1]],
+        text=[f"{v:.1%}" if np.isfinite(v) else "no value" for v in p],
         textposition="auto",
         marker=dict(color=BLUE),
     )
@@ -219,7 +252,7 @@ def token_norm_map(
     data = [
         dict(
             type="heatmap",
-            z=np.asarray(norms),
+            z=_values(norms),
             x=list(range(T)),
             y=rows,
             customdata=[labels] * Lp1,
@@ -263,15 +296,19 @@ def mad_scatter_figure(
 
     The y axis starts at 0 (as in the paper): a range fitted to the data would make heads that
     differ by a pixel look specialised. prefix_share (L, H): heads at or above PREFIX_SHARE_MARK
-    are drawn as open circles, since there the two conventions disagree most."""
+    are drawn as open circles, since there the two conventions disagree most. Heads whose
+    distance is NaN or infinite have no dot (the subtitle counts them); the y range comes from
+    the finite values (a NaN or infinite ymax counts as not given)."""
     L, H = mad.shape
-    high = np.zeros_like(mad, dtype=bool) if prefix_share is None else prefix_share >= PREFIX_SHARE_MARK
+    mad = _values(mad)
+    share = None if prefix_share is None else _values(prefix_share)
+    high = np.zeros_like(mad, dtype=bool) if share is None else np.nan_to_num(share, nan=-1.0) >= PREFIX_SHARE_MARK
     data = []
     for h, color in zip(range(H), head_colors(H)):
         trace = dict(
             type="scatter",
             x=np.arange(1, L + 1),
-            y=np.asarray(mad[:, h]),
+            y=mad[:, h],
             mode="markers",
             marker=dict(
                 color=color,
@@ -284,12 +321,15 @@ def mad_scatter_figure(
             + ("" if prefix_share is None else "<br>prefix share %{customdata:.2f}")
             + "<extra></extra>",
         )
-        if prefix_share is not None:
-            trace["customdata"] = np.asarray(prefix_share[:, h])
+        if share is not None:
+            trace["customdata"] = share[:, h]
         data.append(trace)
     label = "prefix mass counts as distance 0" if convention == "as_is" else "renormalized over patches"
-    top = max(1.0, float(np.nanmax(mad)) if mad.size else 1.0) * 1.05 if ymax is None else ymax
+    top = ymax if ymax is not None and np.isfinite(ymax) and ymax > 0 else _top(mad) * 1.05
     note = f"; open: prefix share >= {PREFIX_SHARE_MARK}" if high.any() else ""
+    missing = int(np.isnan(mad).sum())
+    if missing:
+        note += f"; no value (NaN or infinite) for {missing} of {L * H} heads"
     layout = dict(
         title=_title(f"{title}<br><sup>{label}{note}</sup>"),
         xaxis=dict(title=dict(text="network depth (layer)"), dtick=1 if L <= 24 else None),
@@ -321,8 +361,9 @@ def tile_figure(
     Rows and columns are labelled with row_labels / col_labels (default: 1..R, 1..C)."""
     R, C, h, w = tiles.shape
     gap = 1
+    zmin, zmax = _range(tiles, colormaps.get(colorscale).kind, zmin, zmax)
     cells = np.full((R, h + gap, C, w + gap), np.nan, np.float32)  # each tile with a blank gap below/right
-    cells[:, :h, :, :w] = np.asarray(tiles, np.float32).transpose(0, 2, 1, 3)
+    cells[:, :h, :, :w] = _values(tiles).astype(np.float32).transpose(0, 2, 1, 3)  # no value: blank too
     big = cells.reshape(R * (h + gap), C * (w + gap))[:-gap, :-gap]
     row_labels = row_labels or [str(i + 1) for i in range(R)]
     col_labels = col_labels or [str(j + 1) for j in range(C)]

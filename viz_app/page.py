@@ -18,7 +18,7 @@ from model import PRETRAINED, ViTLensError, available_devices
 from model.preprocess import ImageError
 from model.resources import DEMO_DIR, SCENES_DIR
 from model.weights.load import LoadedModel
-from viz_app import cache, pipeline, sidebar
+from viz_app import cache, pipeline, results, sidebar
 from viz_app.tabs import TABS, state
 from viz_app.tabs.common import Ctx
 
@@ -238,6 +238,8 @@ def main() -> None:
     if not memory_fits(lm, (source, device, dtype)):
         st.stop()
     result = cache.get_result(source, device, dtype, digest, image)
+    if result.nonfinite:  # once, above every tab: the tabs draw such values as no value, silently
+        st.warning(results.nonfinite_warning(result.nonfinite, lm.name))
     ctx = Ctx(
         lm=lm,
         result=result,

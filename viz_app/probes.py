@@ -285,18 +285,26 @@ def _run_jobs(model, pixels, job_list, mode, head_mask, head_fill, batch_size, p
 def favoured(curves: Curves, direction: str = "deletion") -> dict:
     """Which map the curves favour for image 0: for deletion the smallest AUC, for insertion the
     largest, among the maps (the baselines are never the answer), with its margin over the random
-    order and over the centre prior (AUC units, positive = the map is better) where those ran."""
+    order and over the centre prior (AUC units, positive = the map is better) where those ran.
+
+    Only finite AUCs compete (a model whose scores are NaN or infinite has curves without an
+    area); when no map has one, "map" is None, "auc" NaN and both margins None."""
     better = min if direction == "deletion" else max
     keys = [k for k in curves.scores if k[1] == direction and k[0] not in BASELINES]
     aucs = {k[0]: float(curves.auc(k)[0]) for k in keys}
     if not aucs:
         raise ValueError("no map besides the baselines to compare")
-    best = better(aucs, key=aucs.get)
+    finite = {k: v for k, v in aucs.items() if math.isfinite(v)}
+    if not finite:
+        return {"map": None, "auc": float("nan"), "aucs": aucs, "margin_vs_random": None, "margin_vs_centre": None}
+    best = better(finite, key=finite.get)
 
     def margin(baseline: str) -> float | None:
         if (baseline, direction) not in curves.scores:
             return None
         b = float(curves.auc((baseline, direction))[0])
+        if not math.isfinite(b):
+            return None
         return (b - aucs[best]) if direction == "deletion" else (aucs[best] - b)
 
     return {

@@ -13,6 +13,53 @@ from viz_app import colormaps
 UPSAMPLING = ("nearest", "bilinear", "paper")
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
+# A value that is NaN or infinite (a broken checkpoint, a division by zero upstream) has no place
+# on a colour scale: it is drawn in mid grey with darker diagonal stripes, which no colour map
+# here contains, and never stretches or breaks a colour bar's range (ranges come from the finite
+# values only).
+NO_VALUE = (165, 165, 165)
+NO_VALUE_HATCH = (105, 105, 105)
+NO_VALUE_NAME = "hatched grey"
+_HATCH_PERIOD, _HATCH_WIDTH = 8, 2
+
+
+def paint_no_value(img: np.ndarray, missing: np.ndarray) -> np.ndarray:
+    """Draw the pixels where `missing` (h, w) is True in the no-value pattern, in place."""
+    yy, xx = np.nonzero(missing)
+    if len(yy):
+        img[yy, xx] = NO_VALUE
+        stripe = (yy + xx) % _HATCH_PERIOD < _HATCH_WIDTH
+        img[yy[stripe], xx[stripe]] = NO_VALUE_HATCH
+    return img
+
+
+def finite_max(values: np.ndarray, floor: float = 1e-12) -> float:
+    """The largest finite value, at least `floor` (and `floor` when there is none): the top of a
+    colour scale that starts at 0."""
+    v = np.asarray(values, dtype=np.float64)
+    finite = v[np.isfinite(v)]
+    return max(float(finite.max()), floor) if finite.size else floor
+
+
+def share_of_max(maps: np.ndarray, *, shared: bool = False) -> np.ndarray:
+    """Maps (..., gh, gw) divided by their finite maximum (each map its own, or one for all when
+    shared), floored at 1e-12; NaN and infinite values stay NaN, so one broken patch leaves the
+    rest of its map drawn."""
+    m = np.asarray(maps, dtype=np.float64)
+    finite = np.isfinite(m)
+    masked = np.where(finite, m, -np.inf)
+    top = masked.max(keepdims=True) if shared or m.ndim < 2 else masked.max(axis=(-2, -1), keepdims=True)
+    top = np.maximum(top, 1e-12)
+    return np.where(finite, m / top, np.nan)
+
+
+def finite_range(vmin: float | None, vmax: float | None, default: tuple[float, float] = (0.0, 1.0)):
+    """(vmin, vmax) made drawable: a bound that is missing, NaN or infinite is replaced by the
+    default's, and an empty or reversed range is widened to vmin + 1."""
+    lo = float(vmin) if vmin is not None and np.isfinite(vmin) else default[0]
+    hi = float(vmax) if vmax is not None and np.isfinite(vmax) else default[1]
+    return lo, (hi if hi > lo else lo + 1.0)
+
 
 def put_text(
     img: np.ndarray, text: str, org: tuple[int, int], scale: float, color=(20, 20, 20), thick: int = 1
@@ -22,23 +69,40 @@ def put_text(
 
 
 def normalize(heat: np.ndarray, vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
-    """Scale to [0, 1] between vmin and vmax (default: the map's own min and max)."""
+    """Scale to [0, 1] between vmin and vmax (default, or when a bound is NaN or infinite: the
+    map's own finite min and max). NaN and infinite values come back NaN (no value)."""
     h = np.asarray(heat, dtype=np.float64)
-    lo = float(np.nanmin(h)) if vmin is None else vmin
-    hi = float(np.nanmax(h)) if vmax is None else vmax
+    finite = np.isfinite(h)
+    if vmin is None or not np.isfinite(vmin) or vmax is None or not np.isfinite(vmax):
+        values = h[finite]
+        lo_d, hi_d = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    lo = float(vmin) if vmin is not None and np.isfinite(vmin) else lo_d
+    hi = float(vmax) if vmax is not None and np.isfinite(vmax) else hi_d
     if hi <= lo:
-        return np.zeros_like(h)
-    return np.clip((h - lo) / (hi - lo), 0.0, 1.0)
+        out = np.zeros_like(h)
+    else:
+        with np.errstate(invalid="ignore", over="ignore"):
+            out = np.clip((h - lo) / (hi - lo), 0.0, 1.0)
+    return out if finite.all() else np.where(finite, out, np.nan)
 
 
 def colorize(
     heat: np.ndarray, cmap: str = "inferno", vmin: float | None = None, vmax: float | None = None
 ) -> np.ndarray:
     """(h, w) float -> (h, w, 3) uint8 RGB through the colour map's table (viz_app/colormaps.py);
-    vmin maps to the table's first colour, vmax to its last."""
+    vmin maps to the table's first colour, vmax to its last; NaN and infinite values are drawn
+    in the no-value pattern (NO_VALUE, hatched)."""
     lut = colormaps.get(cmap).lut
-    u8 = (normalize(heat, vmin, vmax) * 255 + 0.5).astype(np.uint8)
-    return lut[u8]
+    u = normalize(heat, vmin, vmax)
+    missing = np.isnan(u)
+    u8 = (np.where(missing, 0.0, u) * 255 + 0.5).astype(np.uint8)
+    out = lut[u8]
+    if missing.any():
+        if u.ndim == 2:
+            paint_no_value(out, missing)
+        else:
+            out[missing] = NO_VALUE
+    return out
 
 
 def upsample(heat: np.ndarray, size: tuple[int, int], method: str = "nearest", *, patch_size: int = 16) -> np.ndarray:
@@ -49,6 +113,10 @@ def upsample(heat: np.ndarray, size: tuple[int, int], method: str = "nearest", *
     paper: our reconstruction of the look of the paper's Fig. 6 (no code for it was released):
         max-normalize, Lanczos resize, Gaussian blur with standard deviation = patch size; the
         result is an alpha mask in [0, 1].
+
+    NaN and infinite values: nearest keeps them where they were; bilinear spreads them to the
+    interpolated pixels next to them; paper counts them as 0 (a blur has no way to skip them;
+    overlay marks their patches as no value).
     """
     H, W = size
     h = np.asarray(heat, dtype=np.float32)
@@ -57,7 +125,9 @@ def upsample(heat: np.ndarray, size: tuple[int, int], method: str = "nearest", *
     if method == "bilinear":
         return cv2.resize(h, (W, H), interpolation=cv2.INTER_LINEAR)
     if method == "paper":
-        m = h / h.max() if h.max() > 0 else np.zeros_like(h)
+        h = np.where(np.isfinite(h), h, np.float32(0.0))
+        top = float(h.max()) if h.size else 0.0
+        m = h / top if top > 0 else np.zeros_like(h)
         m = cv2.resize(m, (W, H), interpolation=cv2.INTER_LANCZOS4)
         m = cv2.GaussianBlur(m, (0, 0), sigmaX=patch_size)
         return np.clip(m, 0.0, 1.0)
@@ -77,16 +147,28 @@ def overlay(
 ) -> np.ndarray:
     """Heat map over the image the model sees. With method 'paper' the map is an alpha mask
     over black (paper Fig. 6); otherwise a colour map blended with `alpha`, over the range
-    colormaps.value_range gives (by default 0 to the map's maximum: 0 is the darkest colour)."""
+    colormaps.value_range gives (by default 0 to the map's maximum: 0 is the darkest colour).
+    Patches whose value is NaN or infinite are drawn in the no-value pattern (not blended), with
+    every method; a NaN or infinite vmin/vmax counts as not given."""
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     H, W = view.shape[:2]
-    up = upsample(heat, (H, W), method, patch_size=patch_size)
+    heat = np.asarray(heat, dtype=np.float32)
+    missing = ~np.isfinite(heat)
+    clean = np.where(missing, np.float32(0.0), heat) if missing.any() else heat
+    up = upsample(clean, (H, W), method, patch_size=patch_size)
     if method == "paper":
-        return (view.astype(np.float32) * up[..., None]).astype(np.uint8)
-    vmin, vmax = colormaps.value_range(heat, colormaps.get(cmap).kind, vmin, vmax)
-    color = colorize(up, cmap, vmin, vmax)
-    return (view.astype(np.float32) * (1 - alpha) + color.astype(np.float32) * alpha + 0.5).astype(np.uint8)
+        out = (view.astype(np.float32) * up[..., None]).astype(np.uint8)
+    else:
+        vmin = vmin if vmin is not None and np.isfinite(vmin) else None
+        vmax = vmax if vmax is not None and np.isfinite(vmax) else None
+        vmin, vmax = colormaps.value_range(heat, colormaps.get(cmap).kind, vmin, vmax)
+        color = colorize(up, cmap, vmin, vmax)
+        out = (view.astype(np.float32) * (1 - alpha) + color.astype(np.float32) * alpha + 0.5).astype(np.uint8)
+    if missing.any():
+        where = cv2.resize(missing.astype(np.uint8), (W, H), interpolation=cv2.INTER_NEAREST).astype(bool)
+        paint_no_value(out, where)
+    return out
 
 
 def overlay_on_original(original: np.ndarray, prepared: PreparedImage, heat: np.ndarray, **kw) -> np.ndarray:
@@ -187,7 +269,7 @@ def tile_grid(
 
 def filter_tiles(components: np.ndarray, *, cols: int = 7, scale: int = 6, gap: int = 2) -> np.ndarray:
     """(K, 3, p, p) filter components -> RGB tiles, each with its own symmetric contrast
-    (0 maps to mid-grey)."""
+    (0 maps to mid-grey); pixels with a NaN or infinite channel in the no-value pattern."""
     K, C, p, _ = components.shape
     rows = int(np.ceil(K / cols))
     t = p * scale
@@ -196,9 +278,13 @@ def filter_tiles(components: np.ndarray, *, cols: int = 7, scale: int = 6, gap: 
         comp = np.moveaxis(np.asarray(components[k], dtype=np.float64), 0, -1)  # (p, p, C)
         if C == 1:
             comp = np.repeat(comp, 3, axis=-1)
-        m = np.abs(comp).max()
+        missing = ~np.isfinite(comp).all(axis=-1)
+        comp = np.where(np.isfinite(comp), comp, 0.0)
+        m = np.abs(comp).max() if comp.size else 0.0
         img = 0.5 + 0.5 * comp / m if m > 0 else np.full_like(comp, 0.5)
         img = cv2.resize((img[..., :3] * 255 + 0.5).astype(np.uint8), (t, t), interpolation=cv2.INTER_NEAREST)
+        if missing.any():
+            paint_no_value(img, np.kron(missing, np.ones((scale, scale), dtype=bool)))
         r, c = divmod(k, cols)
         out[gap + r * (t + gap) : gap + r * (t + gap) + t, gap + c * (t + gap) : gap + c * (t + gap) + t] = img
     return out
@@ -215,13 +301,18 @@ def mad_scatter_png(
 ) -> np.ndarray:
     """The Fig. 7 (right) scatter as an RGB array (for downloads and the CLI; no browser needed):
     one dot per (layer, head), layers from 1 on x, pixels from 0 on y, heads coloured by the
-    same palette as the page; heads whose prefix share is at least mark_at are open circles."""
+    same palette as the page; heads whose prefix share is at least mark_at are open circles.
+    Heads whose distance is NaN or infinite have no dot: a line under the axis counts them, and
+    the y range comes from the finite values (a NaN or infinite ymax counts as not given)."""
+    mad = np.asarray(mad, dtype=np.float64)
     L, H = mad.shape
     W, Hh = size
     img = np.full((Hh, W, 3), 255, np.uint8)
     fs = max(0.45, W / 1600)
     left, right, top, bottom = int(110 * fs), 30, int(90 * fs), int(90 * fs)
-    ymax = max(1.0, float(np.nanmax(mad)) * 1.1) if ymax is None else ymax
+    finite = np.isfinite(mad)
+    if ymax is None or not np.isfinite(ymax) or ymax <= 0:
+        ymax = max(1.0, float(mad[finite].max()) * 1.1) if finite.any() else 1.0
     x_of = lambda i: int(left + (i + 0.5) / L * (W - left - right))  # noqa: E731
     y_of = lambda v: int(Hh - bottom - v / ymax * (Hh - top - bottom))  # noqa: E731
     black, grey = (0, 0, 0), (210, 210, 210)
@@ -235,13 +326,19 @@ def mad_scatter_png(
     for i in range(0, L, step):
         put_text(img, str(i + 1), (x_of(i) - int(8 * fs), Hh - bottom + int(30 * fs)), fs, black)
     palette = colormaps.get("viridis").lut[np.linspace(0, 230, max(H, 1)).round().astype(int)]
-    high = np.zeros_like(mad, bool) if prefix_share is None else np.asarray(prefix_share) >= mark_at
+    share = None if prefix_share is None else np.asarray(prefix_share, dtype=np.float64)
+    high = np.zeros_like(mad, bool) if share is None else np.isfinite(share) & (np.nan_to_num(share) >= mark_at)
     radius = max(4, int(7 * fs))
     for i in range(L):
         for h in range(H):
+            if not finite[i, h]:
+                continue
             color = tuple(int(v) for v in palette[h])
-            centre = (x_of(i), y_of(float(mad[i, h])))
+            centre = (x_of(i), y_of(min(max(float(mad[i, h]), -ymax), 2 * ymax)))  # far outliers at the edge
             cv2.circle(img, centre, radius, color, 2 if high[i, h] else -1, cv2.LINE_AA)
+    if not finite.all():
+        note = f"not drawn: {int((~finite).sum())} of {L * H} heads (NaN or infinite)"
+        put_text(img, note, (8, Hh - int(20 * fs)), fs * 0.8, (150, 0, 0))
     put_text(img, "network depth (layer)", (W // 2 - int(130 * fs), Hh - int(20 * fs)), fs * 1.1, black)
     put_text(img, "mean attention distance (pixels)", (left, top - int(20 * fs)), fs * 1.1, black)
     if title:
@@ -312,7 +409,9 @@ def colorbar(
     height: int, *, cmap: str, vmin: float, vmax: float, label: str = "", width: int = 0, ticks: int = 5
 ) -> np.ndarray:
     """A vertical colour bar (RGB, white background) `height` px tall: the colour map from vmin
-    (bottom) to vmax (top), `ticks` labelled values, and the quantity's name along the bar."""
+    (bottom) to vmax (top), `ticks` labelled values, and the quantity's name along the bar.
+    A NaN or infinite bound is replaced (finite_range: 0 and 1), so the bar always has numbers."""
+    vmin, vmax = finite_range(vmin, vmax)
     scale = min(1.2, max(0.5, height / 520))  # legible at column width, not shouting in a download
     bar_w = max(12, height // 22)
     # a fixed width for a given height, so that maps shown side by side keep the same size

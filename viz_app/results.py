@@ -8,6 +8,7 @@ Streamlit caching that keeps these objects lives in viz_app/cache.py.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +30,7 @@ class ImageResult:
     arrays: dict[str, np.ndarray]
     prepared: PreparedImage
     pictures: dict = field(default_factory=dict, compare=False, repr=False)  # drawn once, then reused
+    nonfinite: str | None = None  # nonfinite_outputs' sentence for this model and image, None if all finite
 
     def patch_grid(self, patch_size: int) -> np.ndarray:
         """The model's view with its patch grid and row/column numbers (drawn once per result)."""
@@ -105,7 +107,105 @@ def analyze_image(lm: LoadedModel, prepared: PreparedImage) -> ImageResult:
     x = prepared.pixels[None].to(lm.device, lm.dtype)
     fwd = _cpu(run_forward(lm.model, x))
     arrays = report.split(report.analyze_batch(lm, fwd, report.Settings()), 0)
-    return ImageResult(forward=fwd, arrays=arrays, prepared=prepared)
+    problem = nonfinite_outputs(
+        pixels=x,  # as the model gets them: a cast to float16 can overflow finite pixels to infinity
+        pos_embed=getattr(lm.model, "pos_embed", None),
+        filters=patch_filters(lm),
+        attentions=fwd.attentions[0],
+        token_norms=fwd.token_norms,
+        features=fwd.features,
+        logits=fwd.logits,
+    )
+    return ImageResult(forward=fwd, arrays=arrays, prepared=prepared, nonfinite=problem)
+
+
+# ---------------------------------------------------------------------------------------------
+# Values that are not finite (a checkpoint with NaN or infinite weights, or normalized pixels that
+# overflow the model's precision): found once per result and named in one warning; every analysis
+# and picture accepts them (NaN where undefined, drawn as no value) and none raises.
+
+
+def patch_filters(lm: LoadedModel):
+    """The linear patch embedding's weight (D, C, p, p), or None for a model without one."""
+    if not lm.config.linear_patch_embed:
+        return None
+    proj = getattr(getattr(lm.model, "patch_embed", None), "proj", None)
+    return getattr(proj, "weight", None)
+
+
+def _finite(x) -> bool:
+    if isinstance(x, torch.Tensor):
+        return bool(torch.isfinite(x.detach()).all())
+    return bool(np.isfinite(np.asarray(x, dtype=np.float64)).all())
+
+
+def _listed(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _ranges(numbers: Sequence[int]) -> str:
+    """[2, 3, 4, 7] -> '2-4 and 7'; [2, 3] -> '2 and 3'."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][-1] + 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    parts = []
+    for r in runs:
+        parts += [f"{r[0]}-{r[-1]}"] if len(r) > 2 else [str(n) for n in r]
+    return _listed(parts)
+
+
+def nonfinite_outputs(
+    *,
+    pixels=None,
+    pos_embed=None,
+    filters=None,
+    attentions=None,
+    token_norms=None,
+    features=None,
+    logits=None,
+) -> str | None:
+    """Which of these hold a NaN or an infinite value, as one sentence; None when all are finite.
+
+    Plain arrays in (numpy or torch, any shape; None = not checked), a sentence out, for the
+    page's warning and the CLI's: pixels the preprocessed model input, pos_embed the position
+    embeddings, filters the patch-embedding weight, attentions one image's maps with the layer
+    first (L, ...): the sentence names the layers, counted from 1; token_norms, features and
+    logits the model's outputs. Attention is checked one layer at a time (no full-size
+    temporary)."""
+    found = []
+    if pixels is not None and not _finite(pixels):
+        found.append("the preprocessed image (the model input)")
+    if pos_embed is not None and not _finite(pos_embed):
+        found.append("the position embeddings")
+    if filters is not None and not _finite(filters):
+        found.append("the patch-embedding filters")
+    if attentions is not None:
+        bad = [i + 1 for i in range(len(attentions)) if not _finite(attentions[i])]
+        if bad:
+            L = len(attentions)
+            which = f"all {L} layers" if len(bad) == L else f"layer{'s' if len(bad) > 1 else ''} {_ranges(bad)} of {L}"
+            found.append(f"the attention maps of {which}")
+    if token_norms is not None and not _finite(token_norms):
+        found.append("the token norms")
+    if features is not None and not _finite(features):
+        found.append("the pooled features")
+    if logits is not None and not _finite(logits):
+        found.append("the logits")
+    if not found:
+        return None
+    return f"NaN or infinite values in {_listed(found)}."
+
+
+def nonfinite_warning(problem: str, model: str) -> str:
+    """The page's one warning for a result whose nonfinite_outputs sentence is `problem`."""
+    return (
+        f"{model}: {problem} Its weights or its preprocessing (mean, std) are broken, so every map and "
+        "number computed from these values is meaningless. Values that are not finite are drawn in "
+        "hatched grey in pictures and downloads, and left blank in the interactive charts."
+    )
 
 
 def gradient_map(lm: LoadedModel, prepared: PreparedImage, target: int) -> np.ndarray:

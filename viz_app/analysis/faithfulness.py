@@ -66,7 +66,7 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Spearman rank correlation of maps (..., gh, gw) vs (..., gh, gw) over their patches (the
     Pearson correlation of their ranks, ties sharing their mean rank). NaN where either map is
-    constant (no ranking to compare)."""
+    constant (no ranking to compare) or holds a NaN or infinite value (no defined order)."""
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     lead = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
@@ -75,8 +75,14 @@ def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     ra -= ra.mean(-1, keepdims=True)
     rb -= rb.mean(-1, keepdims=True)
     den = np.sqrt((ra * ra).sum(-1) * (rb * rb).sum(-1))
+    defined = (den > 0) & _all_finite(a, lead) & _all_finite(b, lead)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, (ra * rb).sum(-1) / np.where(den > 0, den, 1), np.nan)
+        return np.where(defined, (ra * rb).sum(-1) / np.where(den > 0, den, 1), np.nan)
+
+
+def _all_finite(m: np.ndarray, lead: tuple[int, ...]) -> np.ndarray:
+    """(*lead,) whether each map (..., gh, gw) has only finite values."""
+    return np.broadcast_to(np.isfinite(m).all(axis=(-2, -1)), lead)
 
 
 def _window(n: int) -> int:
@@ -93,19 +99,28 @@ def _box_mean(x: np.ndarray, w: int) -> np.ndarray:
 
 
 def minmax(heat: np.ndarray) -> np.ndarray:
-    """Each map (..., gh, gw) scaled to [0, 1] (all zeros for a constant map)."""
+    """Each map (..., gh, gw) scaled to [0, 1] between its finite minimum and maximum (all zeros
+    for a constant map); NaN and infinite values stay NaN (no value), never a 0 or a 1 that
+    would make two broken maps look alike."""
     h = np.asarray(heat, dtype=np.float64)
-    lo = h.min(axis=(-2, -1), keepdims=True)
-    span = h.max(axis=(-2, -1), keepdims=True) - lo
-    return np.where(span > 0, (h - lo) / np.where(span > 0, span, 1), 0.0)
+    finite = np.isfinite(h)
+    lo = np.where(finite, h, np.inf).min(axis=(-2, -1), keepdims=True)
+    hi = np.where(finite, h, -np.inf).max(axis=(-2, -1), keepdims=True)
+    span = hi - lo  # -inf for a map without a finite value
+    with np.errstate(invalid="ignore"):
+        scaled = np.where(span > 0, (h - lo) / np.where(span > 0, span, 1), 0.0)
+    return np.where(finite, scaled, np.nan)
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Structural similarity (Wang et al. 2004) of maps (..., gh, gw), each first scaled to [0, 1]
     (minmax), as scikit-image computes it with its defaults: a 7 x 7 uniform window (the largest
     odd size that fits a smaller grid), sample covariances, K1 = 0.01, K2 = 0.03, data range 1,
-    averaged over the window positions that lie inside the grid."""
+    averaged over the window positions that lie inside the grid. NaN for a map with a NaN or
+    infinite value (its structure is not defined)."""
     x, y = minmax(a), minmax(b)
+    defined = np.isfinite(x).all(axis=(-2, -1)) & np.isfinite(y).all(axis=(-2, -1))
+    x, y = np.nan_to_num(x), np.nan_to_num(y)
     x, y = np.broadcast_arrays(x, y)
     w = _window(min(x.shape[-2:]))
     if w < 1:
@@ -117,7 +132,7 @@ def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     vxy = cov * (_box_mean(x * y, w) - ux * uy)
     c1, c2 = 0.01**2, 0.03**2
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-    return s.mean(axis=(-2, -1))
+    return np.where(defined, s.mean(axis=(-2, -1)), np.nan)
 
 
 def centre_prior(grid: tuple[int, int]) -> np.ndarray:
@@ -131,9 +146,10 @@ def centre_prior(grid: tuple[int, int]) -> np.ndarray:
 
 def mean_ci(values: np.ndarray, z: float = 1.959963984540054) -> tuple[float, float, float]:
     """(mean, lower, upper) of a 95 % normal-approximation confidence interval of the mean
-    (mean +- z * sample sd / sqrt(n)); NaNs are left out; the bounds are NaN for n < 2."""
-    v = np.asarray(values, dtype=np.float64)
-    v = v[~np.isnan(v)]
+    (mean +- z * sample sd / sqrt(n)); NaN and infinite values are left out (an infinite value
+    has no mean or spread to add); the bounds are NaN for n < 2."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    v = v[np.isfinite(v)]
     if len(v) == 0:
         return float("nan"), float("nan"), float("nan")
     m = float(v.mean())

@@ -201,7 +201,7 @@ def display_options() -> dict:
 def overlay(ctx: Ctx, heat: np.ndarray, opts: dict, *, on_original: bool = False) -> np.ndarray:
     """The map over the model's view (or the original upload), 0 to the map's maximum."""
     kw = dict(method=opts["method"], alpha=opts["alpha"], cmap=opts["cmap"], patch_size=ctx.lm.config.patch_size)
-    kw |= dict(vmin=0.0, vmax=max(float(np.max(heat)), 1e-12))
+    kw |= dict(vmin=0.0, vmax=render.finite_max(heat))
     if on_original:
         return render.overlay_on_original(ctx.original, ctx.result.prepared, heat, **kw)
     return render.overlay(ctx.result.prepared.view, heat, **kw)
@@ -212,7 +212,7 @@ def with_colorbar(image: np.ndarray, heat: np.ndarray, opts: dict, label: str) -
     if opts["method"] == "paper":  # an alpha mask over black: the bar shows the mask's scale
         bar = render.colorbar(image.shape[0], cmap="inferno", vmin=0.0, vmax=1.0, label="mask (share of max)")
     else:
-        vmax = max(float(np.max(heat)), 1e-12)
+        vmax = render.finite_max(heat)
         bar = render.colorbar(image.shape[0], cmap=opts["cmap"], vmin=0.0, vmax=vmax, label=label)
     return np.concatenate([image, bar], axis=1)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import streamlit as st
 
 from viz_app import analysis as A
-from viz_app import colormaps, figures
+from viz_app import colormaps, figures, results
 from viz_app.tabs import state
 from viz_app.tabs.common import Ctx, display_settings, show_map
 
@@ -26,6 +26,8 @@ def draw(ctx: Ctx) -> None:
         st.info("Choose a second model above to compare it with the current one.")
         return
     other, other_result = picked
+    if other_result is not None and other_result.nonfinite:  # the page warned about the first model only
+        st.warning(results.nonfinite_warning(other_result.nonfinite, other.name))
     ca, cb = ctx.lm.config, other.config
     name_a, name_b = ctx.lm.name, other.name
     a, b = st.columns(2)

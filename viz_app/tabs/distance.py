@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from viz_app import figures
+from viz_app import figures, render
 from viz_app.tabs.common import Ctx
 
 
 def scatters(mad: np.ndarray, mad_r: np.ndarray, share: np.ndarray, title: str, key: str) -> None:
-    top = max(1.0, float(np.nanmax([mad.max(), mad_r.max()]))) * 1.05  # one y range for both
+    top = render.finite_max(np.stack([mad, mad_r]), 1.0) * 1.05  # one y range for both, from the finite values
     a, b = st.columns(2)
     a.plotly_chart(
         figures.mad_scatter_figure(mad, title=title, convention="as_is", prefix_share=share, ymax=top),

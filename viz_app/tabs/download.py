@@ -55,7 +55,7 @@ def figures_png(ctx: Ctx, rep: report.Report) -> dict[str, tuple[str, bytes]]:
     first, last = settings.layer_range(c.depth)
     heat = arrays["rollout"]
     what = f"layers {first}-{last}, {settings.rollout_fusion} fusion, discard {settings.rollout_discard:.2f}"
-    bar = dict(cmap=None if opts["method"] == "paper" else opts["cmap"], vmin=0.0, vmax=float(heat.max()))
+    bar = dict(cmap=None if opts["method"] == "paper" else opts["cmap"], vmin=0.0, vmax=render.finite_max(heat))
     out = {
         "rollout.png": (
             "Rollout overlay",
@@ -74,7 +74,7 @@ def figures_png(ctx: Ctx, rep: report.Report) -> dict[str, tuple[str, bytes]]:
     if "grad_rollout" in arrays:
         g = arrays["grad_rollout"]
         cls = int(arrays["grad_class"])
-        gbar = dict(cmap=bar["cmap"], vmin=0.0, vmax=float(g.max()))
+        gbar = dict(cmap=bar["cmap"], vmin=0.0, vmax=render.finite_max(g))
         out["grad_rollout.png"] = (
             "Gradient rollout overlay",
             _png(overlay(ctx, g, opts), title=f"Gradient rollout for '{ctx.label(cls)}'", label="relevance", **gbar),
@@ -84,7 +84,7 @@ def figures_png(ctx: Ctx, rep: report.Report) -> dict[str, tuple[str, bytes]]:
     maps = arrays.get("query_attention", arrays["readout_attention"])
     who = "the read-out token" if settings.query_patch is None else f"patch {tuple(settings.query_patch)}"
     one = maps[layer - 1, head - 1]
-    big = render.colorize(render.upsample(one, c.image_size, "nearest"), "inferno", 0.0, float(one.max()))
+    big = render.colorize(render.upsample(one, c.image_size, "nearest"), "inferno", 0.0, render.finite_max(one))
     if settings.query_patch is not None:
         r, col = settings.query_patch
         p = c.patch_size
@@ -96,11 +96,11 @@ def figures_png(ctx: Ctx, rep: report.Report) -> dict[str, tuple[str, bytes]]:
             big,
             title=f"Layer {layer}, head {head}: attention of {who}",
             cmap="inferno",
-            vmax=float(one.max()),
+            vmax=render.finite_max(one),
             label="attention",
         ),
     )
-    tiles = maps / np.maximum(maps.max(axis=(2, 3), keepdims=True), 1e-12)
+    tiles = render.share_of_max(maps)
     grid = render.labelled_grid(tiles, row_name="layer", col_name="head", cmap="inferno", vmin=0.0, vmax=1.0)
     out["layers_heads.png"] = (
         "Every layer and head",
@@ -117,7 +117,7 @@ def figures_png(ctx: Ctx, rep: report.Report) -> dict[str, tuple[str, bytes]]:
         _png(pe, title="Position-embedding similarity (cosine)", cmap=div, vmin=-1.0, vmax=1.0, label="cosine"),
     )
     mad, mad_r = arrays["mean_attention_distance"], arrays["mean_attention_distance_renormalized"]
-    ymax = max(1.0, float(max(mad.max(), mad_r.max()))) * 1.05
+    ymax = render.finite_max(np.stack([mad, mad_r]), 1.0) * 1.05
     share = arrays["prefix_mass_share"]
     conventions = (
         ("as_is", mad, "prefix mass as distance 0", "prefix as 0"),

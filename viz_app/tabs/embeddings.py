@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import streamlit as st
 import torch
 
@@ -37,7 +40,12 @@ def draw(ctx: Ctx) -> None:
         pr = state.number("Patch row", 0, gh - 1, gh // 2, key="pe_row", container=a)
         pc = state.number("Patch column", 0, gw - 1, gw // 2, key="pe_col", container=b)
         try:
-            contrast = f"Neighbour contrast (4-neighbours minus 4+ apart): {A.neighbour_contrast(sim, c.grid):.3f}."
+            value = A.neighbour_contrast(sim, c.grid)
+            contrast = (
+                f"Neighbour contrast (4-neighbours minus 4+ apart): {value:.3f}."
+                if math.isfinite(value)
+                else "No neighbour contrast: the position embeddings hold NaN or infinite values."
+            )
         except ValueError:  # grids of 4 x 4 or fewer patches have no patches 4 apart
             contrast = f"No neighbour contrast: the {gh}x{gw} grid has no patches 4 or more apart."
         st.caption(f"{contrast} Click a tile of the grid below to show it large.")
@@ -102,6 +110,12 @@ def patch_filters(ctx: Ctx) -> None:
     st.image(render.filter_tiles(pca.components.numpy(), cols=7, scale=max(2, 48 // c.patch_size)))
     ev = pca.explained_variance_ratio.numpy()
     pre = ctx.lm.preprocessing
+    if not np.isfinite(ev).all():  # filter_pca returns NaN for filters with NaN or infinite entries
+        st.caption(
+            "No principal components: the filters hold NaN or infinite values (hatched grey). "
+            f"The filters act on normalized pixels: mean {pre.mean}, std {pre.std}."
+        )
+        return
     st.caption(
         f"Explained variance of the first {len(ev)}: {ev.sum():.1%} (first three: "
         + ", ".join(f"{v:.1%}" for v in ev[:3])

@@ -199,14 +199,15 @@ def curve_figure(curves: probes.Curves, direction: str, *, class_name: str | Non
         if key not in curves.scores:
             continue
         auc = float(curves.auc(key)[0])
+        auc_text = f"{auc:.3f}" if np.isfinite(auc) else "no value"
         base = name in probes.BASELINES
         data.append(
             dict(
                 type="scatter",
                 x=curves.fractions.tolist(),
-                y=curves.scores[key][0].tolist(),
+                y=[float(v) if np.isfinite(v) else None for v in curves.scores[key][0]],  # None: a gap
                 mode="lines+markers",
-                name=f"{probes.label(name)} (AUC {auc:.3f})",
+                name=f"{probes.label(name)} (AUC {auc_text})",
                 line=dict(color=colour(name), dash="dash" if base else "solid", width=2),
                 marker=dict(size=5),
                 hovertemplate=f"{probes.label(name)}<br>removed %{{x:.0%}}<br>score %{{y:.3f}}<extra></extra>",
@@ -228,8 +229,8 @@ def curve_figure(curves: probes.Curves, direction: str, *, class_name: str | Non
 
 def auc_table(curves: probes.Curves) -> dict[str, dict[str, float]]:
     """Columns 'deletion AUC' (of the score) and 'deletion AUC, top-1' (of the top-1 agreement),
-    both directions, each {map name: value} (3 decimals, as shown): st.table shows the map names
-    as the rows."""
+    both directions, each {map name: value} (3 decimals, as shown; NaN where the curve has no
+    area): st.table shows the map names as the rows."""
     cols: dict[str, dict[str, float]] = {}
     for name in curves.maps:
         for d in DIRECTIONS:
@@ -244,7 +245,8 @@ def auc_table(curves: probes.Curves) -> dict[str, dict[str, float]]:
 
 def curves_csv(curves: probes.Curves) -> bytes:
     """The curves as CSV: map, direction, fraction removed, score (probability or cosine), top-1
-    agreement (empty without a classifier)."""
+    agreement (empty without a classifier). A NaN or infinite score is an empty cell (no value),
+    as spreadsheets and pandas read one."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     score = "probability" if curves.agree is not None else "cosine_similarity"
@@ -255,17 +257,24 @@ def curves_csv(curves: probes.Curves) -> bytes:
             if key not in curves.scores:
                 continue
             for i, f in enumerate(curves.fractions):
-                agree = "" if curves.agree is None else repr(float(curves.agree[key][0, i]))
-                w.writerow(
-                    [name, d, repr(float(f)), int(curves.removed[i]), repr(float(curves.scores[key][0, i])), agree]
-                )
+                agree = "" if curves.agree is None else _cell(curves.agree[key][0, i])
+                w.writerow([name, d, repr(float(f)), int(curves.removed[i]), _cell(curves.scores[key][0, i]), agree])
     return buf.getvalue().encode()
+
+
+def _cell(v: float) -> str:
+    return repr(float(v)) if np.isfinite(v) else ""
 
 
 def favoured_sentence(curves: probes.Curves, direction: str, class_name: str | None) -> str:
     """Which map the curves favour for this image, and its margin against random order (AUCs with
     3 decimals, as in the table)."""
     f = probes.favoured(curves, direction)
+    if f["map"] is None:
+        return (
+            f"{direction.capitalize()} favours no map on this image: every curve has NaN or infinite scores "
+            "(the model's outputs are not finite), so no area can be compared."
+        )
     best, auc, margin = probes.label(f["map"]), f["auc"], f["margin_vs_random"]
     what = f"the probability of '{class_name}'" if class_name else "the similarity to the unperturbed features"
     rnd = None if margin is None else float(curves.auc((probes.RANDOM, direction))[0])
@@ -379,7 +388,12 @@ def draw(ctx: Ctx) -> None:
     )
     st.markdown("**Area under each curve** (deletion: lower is more faithful; insertion-like: higher is)")
     # a static table: its headers wrap, so every column stays in view at 1024 px
-    st.table({col: {k: f"{v:.3f}" for k, v in rows.items()} for col, rows in auc_table(curves).items()})
+    st.table(
+        {
+            col: {k: f"{v:.3f}" if np.isfinite(v) else "no value" for k, v in rows.items()}
+            for col, rows in auc_table(curves).items()
+        }
+    )
     st.caption(
         "Protocol: RISE deletion/insertion AUC (Petsiuk et al. 2018), the trapezoid rule over the removed share "
         "in [0, 1], so a probability curve gives an AUC in [0, 1]; deletion is Chefer et al.'s (CVPR 2021) "

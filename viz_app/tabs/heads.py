@@ -6,7 +6,6 @@ Layers and heads are counted from 1 on this tab; patch rows and columns from 0.
 
 from __future__ import annotations
 
-import numpy as np
 import streamlit as st
 
 from viz_app import analysis as A
@@ -114,15 +113,15 @@ def draw(ctx: Ctx) -> None:
         key="hd_scale",
         help="per map: each tile from 0 to its own maximum; shared: all tiles from 0 to the largest value",
     )
-    top = maps.max(axis=(2, 3), keepdims=True) if scale == "per map" else maps.max(keepdims=True)
-    tiles = maps / np.maximum(top, 1e-12)
+    tiles = render.share_of_max(maps, shared=scale != "per map")
+    bar = "share of each map's max" if scale == "per map" else f"share of {render.finite_max(maps):.3g}"
     st.markdown(f"**Every layer and head: attention of {who}** (click a tile to show it large)")
     st.plotly_chart(
         figures.tile_figure(
             tiles,
             row_name="layer",
             col_name="head",
-            colorbar_title="share of each map's max" if scale == "per map" else f"share of {float(maps.max()):.3g}",
+            colorbar_title=bar,
             selected=(layer - 1, head - 1),
         ),
         key=chart_key("hd_grid"),

@@ -46,8 +46,6 @@ FILLS = {
 }
 KEEP_MAPS = ("rollout", "gradient rollout", "last layer")
 DROP_VIEWS = ("rollout", "last layer")
-NEUTRAL = (165, 165, 165)  # dropped patches: no value (mid grey, outside every colour map)
-HATCH = (105, 105, 105)
 MEMO_SIZE = 4  # ablated or token-dropped runs kept per session (their attention maps are large)
 
 
@@ -322,12 +320,13 @@ def map_picture(
     ctx: Ctx, heat: np.ndarray, *, vmax: float, opts: dict, label: str, method: str | None = None
 ) -> np.ndarray:
     """The map over the model's view from 0 to vmax with its colour bar; NaN patches (dropped
-    tokens) drawn in a neutral hatched grey. Small views are enlarged (nearest) to 224 px."""
+    tokens, or values that are not finite) drawn in render's no-value pattern, at the enlarged
+    size. Small views are enlarged (nearest) to 224 px."""
     c = ctx.lm.config
     view = ctx.result.prepared.view
     method = method or (opts["method"] if opts["method"] in ("nearest", "bilinear") else "nearest")
     missing = ~np.isfinite(heat)
-    vmax = max(float(vmax), 1e-12)
+    vmax = render.finite_max(np.asarray(vmax))
     img = render.overlay(
         view,
         np.where(missing, 0.0, heat),
@@ -345,11 +344,7 @@ def map_picture(
         ps = c.patch_size * scale
         gh, gw = heat.shape
         full = np.kron(missing, np.ones((ps, ps), dtype=bool))[: img.shape[0], : img.shape[1]]
-        yy, xx = np.mgrid[0 : img.shape[0], 0 : img.shape[1]]
-        stripes = ((xx + yy) % max(6, ps // 3)) < max(1, ps // 12)
-        img = img.copy()
-        img[full] = NEUTRAL
-        img[full & stripes] = HATCH
+        img = render.paint_no_value(img.copy(), full)
     bar = render.colorbar(img.shape[0], cmap=opts["cmap"], vmin=0.0, vmax=vmax, label=label)
     return np.concatenate([img, bar], axis=1)
 
@@ -364,10 +359,11 @@ def top5_rows(ctx: Ctx, logits: np.ndarray, target: int, who: str) -> dict[str, 
     order = [int(i) for i in np.argsort(-logits, kind="stable")[:5]]
     if target not in order:
         order.append(target)
+    value = lambda v: float(v) if np.isfinite(v) else None  # noqa: E731  (an empty cell: no value)
     return {
         f"class ({who})": [ctx.label(i) + (" (target)" if i == target else "") for i in order],
-        "probability": [float(probs[i]) for i in order],
-        "logit": [float(logits[i]) for i in order],
+        "probability": [value(probs[i]) for i in order],
+        "logit": [value(logits[i]) for i in order],
     }
 
 
@@ -412,7 +408,7 @@ def draw_ablation(ctx: Ctx) -> None:
     with left:
         st.markdown("**Heads** (click a tile to remove the head, click again to restore it)")
         maps = A.attention_maps(r.attentions, readout_tokens=c.readout_tokens, **ctx.kw).numpy()  # (L, H, gh, gw)
-        tiles = maps / np.maximum(maps.max(axis=(2, 3), keepdims=True), 1e-12)
+        tiles = render.share_of_max(maps)
         st.plotly_chart(
             heads_grid_figure(tiles, removed),
             key=chart_key("pr_heads"),
@@ -467,7 +463,7 @@ def draw_ablation(ctx: Ctx) -> None:
         )
     full_map = rollout_map(ctx, rollout_settings(ctx))
     abl_map = None if ablated is None else _rollout(ctx, ablated["attentions"], c.grid)
-    vmax = float(max(np.max(full_map), np.max(abl_map) if abl_map is not None else 0.0))
+    vmax = render.finite_max(full_map if abl_map is None else np.stack([full_map, abl_map]))
     opts = display_settings()
     a, b = st.columns(2)
     a.image(map_picture(ctx, full_map, vmax=vmax, opts=opts, label="rollout"), width="stretch")
@@ -671,8 +667,7 @@ def draw_dropping(ctx: Ctx) -> None:
         part = _last_layer(ctx, probe["attentions"], (1, len(kept))).reshape(-1) if len(kept) else np.zeros(0)
         what = "The last layer's attention of the read-out token, mean of its heads"
     scattered = probes.scatter_kept(part, kept, c.grid)
-    finite = scattered[np.isfinite(scattered)]
-    vmax = max(float(np.max(full)), float(finite.max()) if finite.size else 0.0)
+    vmax = render.finite_max(np.stack([full, scattered]))
     opts = display_settings()
     a, b = st.columns(2)
     a.image(map_picture(ctx, full, vmax=vmax, opts=opts, label=view, method="nearest"), width="stretch")

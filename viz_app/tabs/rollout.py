@@ -7,7 +7,7 @@ import numpy as np
 import streamlit as st
 
 from viz_app import analysis as A
-from viz_app import figures, report
+from viz_app import figures, render, report
 from viz_app.tabs import state
 from viz_app.tabs.common import (
     NO_TOOLBAR,
@@ -22,6 +22,10 @@ from viz_app.tabs.common import (
     rollout_settings,
     show_map,
 )
+
+
+def percent(p: float) -> str:
+    return f"{p:.1%}" if np.isfinite(p) else "no value"
 
 
 def controls(ctx: Ctx) -> None:
@@ -65,7 +69,7 @@ def draw(ctx: Ctx) -> None:
             list(range(c.num_classes)),
             top,
             key="ro_class",
-            format_func=lambda i: f"{ctx.label(i)} ({r.probs[i]:.1%})",
+            format_func=lambda i: f"{ctx.label(i)} ({percent(r.probs[i])})",
             help="the class whose logit's gradient weighs the attention; the top-1 class by default",
         )
     left, right = st.columns(2)
@@ -95,7 +99,7 @@ def draw(ctx: Ctx) -> None:
             st.info("Class-specific maps need a classifier head; this model has none.")
     options = {k: v for k, v in report.rollout_options(c, s).items() if k not in ("start", "end")}
     strip = A.rollout_per_layer(r.forward.attentions, **options)[0].numpy()  # (L, gh, gw), every layer
-    tiles = strip / np.maximum(strip.max(axis=(1, 2), keepdims=True), 1e-12)
+    tiles = render.share_of_max(strip)
     st.markdown("**Rollout after each layer**, from layer 1 (each map from 0 to its own maximum)")
     st.plotly_chart(
         figures.tile_figure(

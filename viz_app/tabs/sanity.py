@@ -271,8 +271,8 @@ def randomization_sentence(rnd: probes.Randomization) -> str:
     text = f"Spearman with the original map {where}: {listed}."
     if undefined:
         text += (
-            f" Undefined (nan) for {', '.join(undefined)}: a constant map has no order to compare, so no "
-            "conclusion can be drawn for it."
+            f" Undefined (nan) for {', '.join(undefined)}: a constant map, or one with NaN or infinite values, "
+            "has no order to compare, so no conclusion can be drawn for it."
         )
         if len(undefined) == len(found):
             return text
