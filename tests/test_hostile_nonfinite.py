@@ -344,7 +344,8 @@ def test_pictures_draw_no_value_and_stay_valid(bad):
         png_ok(render.mad_scatter_png(np.full((3, 2), bad)))
         shares = render.share_of_max(np.stack([heat, heat * 2]))
         assert np.isnan(shares[:, 1, 2]).all() and np.nanmax(shares) == pytest.approx(1.0)
-    assert render.finite_max(np.array([bad, 3.0])) == 3.0 and render.finite_max(np.array([NAN])) == 1e-12
+    assert render.finite_max(np.array([bad, 3.0])) == 3.0 and render.finite_max(np.array([NAN])) == 1.0
+    assert render.finite_max(np.zeros(3)) == 1e-12
 
 
 def figure_spec(fig) -> dict:
@@ -383,3 +384,7 @@ def test_figures_keep_finite_ranges(bad):
             assert all(isinstance(v, int | float) and math.isfinite(v) for v in yrange), yrange
     assert "no value" in json.dumps(specs[-1]["data"][0]["text"])
     assert "no value" in specs[5]["layout"]["title"]["text"]
+    # a heat map with no finite value keeps its cells' extent (plotly.js would collapse the axes)
+    empty = figure_spec(figures.patch_heatmap(np.full((3, 4), bad), num_prefix=1, marked=(1, 1)))
+    assert empty["layout"]["xaxis"]["range"] == [-0.5, 3.5] and empty["layout"]["yaxis"]["range"] == [2.5, -0.5]
+    assert "no value" in empty["layout"]["annotations"][0]["text"]

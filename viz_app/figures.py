@@ -56,6 +56,17 @@ def _range(values, kind: str, zmin: float | None, zmax: float | None) -> tuple[f
     return float(lo), (float(hi) if hi > lo else float(lo) + 1.0)
 
 
+def _blank(values, layout: dict, x_range: list[float], y_range: list[float]) -> dict:
+    """A heat map without one finite value: plotly.js would drop the trace and shrink its axes to
+    whatever else is drawn, so the axes get the cells' extents and the plot says why it is empty."""
+    if np.isfinite(np.asarray(values, dtype=np.float64)).any():
+        return layout
+    xaxis = {**layout.get("xaxis", {}), "range": x_range, "autorange": False}
+    yaxis = {**layout.get("yaxis", {}), "range": y_range, "autorange": False}
+    note = dict(text="no value (NaN or infinite)", showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
+    return {**layout, "xaxis": xaxis, "yaxis": yaxis, "annotations": [*layout.get("annotations", ()), note]}
+
+
 def _top(values, floor: float = 1.0) -> float:
     """The largest finite value, at least `floor` (the top of an axis that starts at 0)."""
     v = np.asarray(values, dtype=np.float64)
@@ -117,7 +128,7 @@ def patch_heatmap(
         shapes=shapes,
         **_square_axes(),
     )
-    return _figure([trace], layout)
+    return _figure([trace], _blank(values, layout, [-0.5, gw - 0.5], [gh - 0.5, -0.5]))
 
 
 def clickable_view(
@@ -205,7 +216,7 @@ def layer_head_matrix(
         xaxis=dict(title=dict(text="head"), dtick=1 if H <= 16 else None),
         yaxis=dict(title=dict(text="layer"), autorange="reversed", dtick=1 if L <= 16 else None),
     )
-    return _figure([trace], layout)
+    return _figure([trace], _blank(values, layout, [0.5, H + 0.5], [L + 0.5, 0.5]))
 
 
 def curves(series: dict[str, tuple[np.ndarray, np.ndarray]], *, title: str, x_title: str, y_title: str) -> go.Figure:
@@ -281,7 +292,7 @@ def token_norm_map(
         yaxis=dict(autorange="reversed"),
         legend=dict(orientation="h"),
     )
-    return _figure(data, layout)
+    return _figure(data, _blank(norms, layout, [-0.5, T - 0.5], [Lp1 - 0.5, -0.5]))
 
 
 def mad_scatter_figure(
@@ -409,4 +420,5 @@ def tile_figure(
             tickvals=cy, ticktext=row_labels, title=dict(text=row_name), autorange="reversed", scaleanchor="x", **axis
         ),
     )
-    return _figure([heat, points], layout)
+    extent_x, extent_y = [-0.5, C * (w + gap) - gap - 0.5], [R * (h + gap) - gap - 0.5, -0.5]
+    return _figure([heat, points], _blank(tiles, layout, extent_x, extent_y))

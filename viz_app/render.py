@@ -33,12 +33,12 @@ def paint_no_value(img: np.ndarray, missing: np.ndarray) -> np.ndarray:
     return img
 
 
-def finite_max(values: np.ndarray, floor: float = 1e-12) -> float:
-    """The largest finite value, at least `floor` (and `floor` when there is none): the top of a
-    colour scale that starts at 0."""
+def finite_max(values: np.ndarray, floor: float = 1e-12, *, default: float = 1.0) -> float:
+    """The top of a colour scale that starts at 0: the largest finite value, at least `floor`;
+    `default` when no value is finite (a bar from 0 to 1e-12 would only print zeros)."""
     v = np.asarray(values, dtype=np.float64)
     finite = v[np.isfinite(v)]
-    return max(float(finite.max()), floor) if finite.size else floor
+    return max(float(finite.max()), floor) if finite.size else default
 
 
 def share_of_max(maps: np.ndarray, *, shared: bool = False) -> np.ndarray:

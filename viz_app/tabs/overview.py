@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import streamlit as st
 
 from viz_app import figures
@@ -26,6 +28,8 @@ def draw(ctx: Ctx) -> None:
         else:
             names = [ctx.label(i) for i, _ in r.top5]
             st.plotly_chart(figures.top_classes(names, [p for _, p in r.top5]), key="ov_top5")
+            if not all(math.isfinite(p) for _, p in r.top5):
+                st.caption("No bar: these probabilities are NaN or infinite (the logits are not finite).")
     with mid:
         grid = r.patch_grid(c.patch_size)
         st.image(
