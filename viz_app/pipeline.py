@@ -156,4 +156,3 @@ def memory_shortfall(
         f"({config.depth} layers x {config.num_heads} heads x {config.num_tokens}^2 attention values), "
         f"but only {free / 2**30:.1f} GB is free on {torch.device(device)}"
     )
-
