@@ -14,17 +14,24 @@ the energy of every map against the scene's target mask (viz_app.demo.evaluate) 
 
 Outputs in DIR, each written under a temporary name and renamed when complete:
 faithfulness.csv, randomization.csv, pointing.csv (scenes), summary.json, faithfulness.png,
-randomization.png. Exit codes as `analyze`: 0 every input evaluated; 1 some inputs were skipped
-(each named on stderr); 2 bad arguments or a model that cannot be loaded (one line on stderr).
+randomization.png. The output folder is handled as `analyze` handles it (viz_app/cli.py): locked
+for the run, checked writable before the model loads, and a file already there that no vit-lens
+run wrote is never replaced (a table or plot then takes the first free `<name>_<k>`, recorded in
+summary.json's "files" and "plots"). Exit codes as `analyze`: 0 every input evaluated; 1 some
+inputs were skipped (each named on stderr); 2 bad arguments, a model that cannot be loaded, a
+batch that does not fit in memory, or an output folder that cannot take the outputs (one line on
+stderr; after a write failed part-way, summary.json says "complete": false where it can still be
+written); 130 interrupted (a table is only renamed into place whole, so none is left half-written).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
-import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -188,14 +195,20 @@ def scene_batches(n: int, seed: int, size: int, batch_size: int, preprocessing) 
 
 
 def image_batches(files: list[Path], batch_size: int, preprocessing, executor) -> Iterator[Batch]:
-    """Image files in batches, decoded by cli.read_batch, the next batch read while this one runs."""
-    stems = cli.unique_stems(files)
+    """Image files in batches, decoded by cli.read_batch (no original kept: evaluate draws no
+    overlay), the next batch read while this one runs. Images of the same name are told apart as
+    analyze's outputs are (cli.free_stems: x, x_1, ...)."""
+    stems = cli.free_stems([f.stem for f in files], ("",), set())
     chunks = [(files[i : i + batch_size], stems[i : i + batch_size]) for i in range(0, len(files), batch_size)]
-    nxt = executor.submit(cli.read_batch, *chunks[0], preprocessing)
+
+    def read(k: int):
+        return executor.submit(cli.read_batch, *chunks[k], preprocessing, keep_original=False)
+
+    nxt = read(0)
     for k in range(len(chunks)):
-        items, bad = nxt.result()
+        items, bad, _ = nxt.result()
         if k + 1 < len(chunks):
-            nxt = executor.submit(cli.read_batch, *chunks[k + 1], preprocessing)
+            nxt = read(k + 1)
         pixels = torch.stack([it.prepared.pixels for it in items]) if items else torch.zeros(0)
         yield Batch([it.stem for it in items], pixels, skipped=bad, size=len(chunks[k][0]))
 
@@ -205,28 +218,49 @@ def image_batches(files: list[Path], batch_size: int, preprocessing, executor) -
 
 
 class AtomicCsv:
-    """A CSV written row by row under a temporary name in the same folder and renamed by commit():
-    a file under its final name is always complete. close() without commit() removes it."""
+    """A CSV written row by row under a temporary name in the output folder and renamed by
+    commit(): a file under its final name is always complete. close() without commit() removes
+    it. A failing write (a full disk) is cli.OutputError."""
 
-    def __init__(self, path: Path, header: list[str]) -> None:
-        self.path, self.tmp = path, path.with_name(f".{path.name}.part")
-        self.file = self.tmp.open("w", newline="", encoding="utf-8")
-        self.writer = csv.writer(self.file)
-        self.writer.writerow(header)
+    def __init__(self, folder: cli.OutputFolder, name: str, header: list[str]) -> None:
+        self.folder, self.name, self.tmp = folder, name, None
+        try:
+            fd, self.tmp = folder.temp()
+            self.file = open(fd, "w", newline="", encoding="utf-8")
+            self.writer = csv.writer(self.file)
+            self.writer.writerow(header)
+        except OSError as e:
+            self.close()
+            raise self._error(e) from None
         self.rows = 0
 
+    def _error(self, e: OSError) -> cli.OutputError:
+        return cli.OutputError(f"cannot write {self.folder.path / self.name}: {e.strerror or e}")
+
     def write(self, rows: list[list]) -> None:
-        self.writer.writerows([[_cell(v) for v in r] for r in rows])
+        try:
+            self.writer.writerows([[_cell(v) for v in r] for r in rows])
+        except OSError as e:
+            raise self._error(e) from None
         self.rows += len(rows)
 
     def commit(self) -> None:
-        self.file.close()
-        self.tmp.replace(self.path)
+        try:
+            self.file.close()
+        except OSError as e:
+            raise self._error(e) from None
+        tmp, self.tmp = self.tmp, None
+        self.folder.commit(tmp, self.name)
 
     def close(self) -> None:
-        if not self.file.closed:
-            self.file.close()
-        self.tmp.unlink(missing_ok=True)
+        file = getattr(self, "file", None)
+        if file is not None and not file.closed:
+            with contextlib.suppress(OSError):
+                file.close()
+        if self.tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
+            self.tmp = None
 
 
 def _cell(v) -> str:
@@ -282,6 +316,7 @@ class _Progress(cli.Progress):
         fill = int(30 * done / self.total)
         line = f"[{'#' * fill}{'.' * (30 - fill)}] {done:.0f}/{self.total} images, {rate:.2f} img/s"
         self.stream.write(f"\r{line}{', ' + stage if stage else '':<32}")
+        self.open = True
         self.stream.flush()
 
     def within(self, batch: int, share: float, stage: str) -> None:
@@ -291,8 +326,7 @@ class _Progress(cli.Progress):
         self.done += n
         self._draw(self.done, "")
         if self.done >= self.total:
-            self.stream.write("\n")
-            self.stream.flush()
+            self.end_line()
 
 
 def evaluate_batch(
@@ -649,21 +683,16 @@ def randomization_png(tally: Tally, kind: str, *, title: str = "") -> np.ndarray
 # The command
 
 
-def _json_safe(x):
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return None if math.isnan(x) or math.isinf(x) else float(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
-
-
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     settings = cli.settings_from_args(args)
-    files = None if args.scenes is not None else cli.collect_inputs(args.inputs)
+    files, unreadable = (None, []) if args.scenes is not None else cli.collect_inputs(args.inputs)
+    with cli.OutputFolder(args.out) as folder:  # created, locked and checked writable before the model loads
+        return _run(args, argv, settings, files, unreadable, folder)
+
+
+def _run(args, argv, settings, files: list[Path] | None, unreadable, folder: cli.OutputFolder) -> int:
+    names = {k: folder.reserve(v) for k, v in CSV_NAMES.items()}
+    plot_names = {k: folder.reserve(f"{k}.png") for k in ("faithfulness", "randomization")}
     try:
         lm = load_checkpoint(args.model, device=args.device, dtype=args.dtype, image_size=args.image_size)
     except (ViTLensError, ValueError) as e:
@@ -683,60 +712,71 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         raise cli.UsageError(f"--head {args.head[0]},{args.head[1]} is outside {c.depth} layers x {c.num_heads} heads")
     if args.scenes is not None and c.image_size[0] != c.image_size[1]:
         raise cli.UsageError(f"--scenes needs a square input; the model takes {c.image_size[0]}x{c.image_size[1]}")
-    out: Path = args.out
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise cli.UsageError(f"cannot create output folder {out}: {e.strerror}") from None
-    start = time.monotonic()
     total = args.scenes if files is None else len(files)
+    gradients = c.num_classes > 0 and lm.model.head is not None  # as evaluate_batch runs it
+    cli.check_memory(lm, min(args.batch_size, total), gradients=gradients)
+    out = folder.path
+    start = time.monotonic()
     csvs: dict[str, AtomicCsv] = {}
     p_cols = [f"p_{i}" for i in range(args.steps + 1)]
+    tally = Tally()
+    skipped: list[dict] = []
+    progress = _Progress(total)
+    for path, reason in unreadable:
+        progress.note(f"skipped {path}: {reason}")
+        skipped.append({"file": str(path), "reason": reason})
+    plots: dict[str, str] = {}
+    failure = None
     try:
-        csvs["faithfulness"] = AtomicCsv(
-            out / CSV_NAMES["faithfulness"],
-            ["image", "map", "mode", "direction", "target_class", "auc_probability", "auc_top1", *p_cols],
-        )
-        if args.randomization != "none":
-            csvs["randomization"] = AtomicCsv(
-                out / CSV_NAMES["randomization"], ["image", "map", "kind", "step_label", "step", "spearman", "ssim"]
+        try:
+            csvs["faithfulness"] = AtomicCsv(
+                folder,
+                names["faithfulness"],
+                ["image", "map", "mode", "direction", "target_class", "auc_probability", "auc_top1", *p_cols],
             )
-        if files is None:
-            csvs["pointing"] = AtomicCsv(
-                out / CSV_NAMES["pointing"],
-                ["image", "map", "label", "predicted", "pointing", "pointing_strict", "energy"],
-            )
-        tally = Tally()
-        skipped: list[dict] = []
-        progress = _Progress(total)
-        pool = (lambda: ThreadPoolExecutor(1)) if cli.overlap_stages(lm.device) else cli.InlineExecutor
-        with pool() as reader:
+            if args.randomization != "none":
+                csvs["randomization"] = AtomicCsv(
+                    folder, names["randomization"], ["image", "map", "kind", "step_label", "step", "spearman", "ssim"]
+                )
             if files is None:
-                batches = scene_batches(args.scenes, args.seed, c.image_size[0], args.batch_size, lm.preprocessing)
-            else:
-                batches = image_batches(files, args.batch_size, lm.preprocessing, reader)
-            for batch in batches:
-                for path, reason in batch.skipped:
-                    if progress.done:  # the bar's line is open
-                        progress.stream.write("\n")
-                    print(f"skipped {path}: {reason}", file=sys.stderr)
-                    skipped.append({"file": str(path), "reason": reason})
-                if batch.names:
-                    evaluate_batch(lm, batch, args, rollout_kw, tally, csvs, progress)
-                progress.step(batch.size)
-        for f in csvs.values():
-            f.commit()
-    finally:
-        for f in csvs.values():
-            f.close()
+                csvs["pointing"] = AtomicCsv(
+                    folder,
+                    names["pointing"],
+                    ["image", "map", "label", "predicted", "pointing", "pointing_strict", "energy"],
+                )
+            pool = (lambda: ThreadPoolExecutor(1)) if cli.overlap_stages(lm.device) else cli.InlineExecutor
+            with pool() as reader:
+                if files is None:
+                    batches = scene_batches(args.scenes, args.seed, c.image_size[0], args.batch_size, lm.preprocessing)
+                else:
+                    batches = image_batches(files, args.batch_size, lm.preprocessing, reader)
+                for batch in batches:
+                    for path, reason in batch.skipped:
+                        progress.note(f"skipped {path}: {reason}")
+                        skipped.append({"file": str(path), "reason": reason})
+                    if batch.names:
+                        evaluate_batch(lm, batch, args, rollout_kw, tally, csvs, progress)
+                    progress.step(batch.size)
+            for f in csvs.values():
+                f.commit()
+        finally:
+            for f in csvs.values():
+                f.close()
+        title = f"{lm.name}, {tally.images} {'scenes' if files is None else 'images'}"
+        if tally.images:
+            png = faithfulness_png(tally, args.modes, title=title)
+            folder.write(plot_names["faithfulness"], render.to_png(png))
+            plots["faithfulness"] = plot_names["faithfulness"]
+            if tally.rand_labels:
+                png = randomization_png(tally, args.randomization, title=title)
+                folder.write(plot_names["randomization"], render.to_png(png))
+                plots["randomization"] = plot_names["randomization"]
+    except cli.OutputError as e:  # a full disk: what was written stays, the summary says so
+        failure = str(e)
+    progress.end_line()
     wall = time.monotonic() - start
-    status = 1 if skipped else 0
-    title = f"{lm.name}, {tally.images} {'scenes' if files is None else 'images'}"
-    if tally.images:
-        cli.write_atomic(out / "faithfulness.png", render.to_png(faithfulness_png(tally, args.modes, title=title)))
-        if tally.rand_labels:
-            png = randomization_png(tally, args.randomization, title=title)
-            cli.write_atomic(out / "randomization.png", render.to_png(png))
+    status = 2 if failure else 1 if skipped else 0
+    written = set(folder.written)
     summary = {
         "command": [cli.PROG, "evaluate", *argv],
         "model": report.model_meta(lm, str(args.model)),
@@ -766,12 +806,23 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         "fractions": None if tally.fractions is None else tally.fractions.tolist(),
         "perturbed_inputs_per_image": {m: n / max(1, tally.images) for m, n in tally.forwards.items()},
         **summarize(tally),
-        "files": {k: v for k, v in CSV_NAMES.items() if k in csvs},
+        "files": {k: f.name for k, f in csvs.items() if f.name in written},
         "wall_time_s": round(wall, 3),
         "images_per_s": round(tally.images / max(wall, 1e-9), 4),
         "exit_status": status,
+        "written_by": f"{cli.PROG} evaluate",
+        "complete": failure is None,
+        "stopped": failure,
+        "plots": plots,
+        "written": list(folder.written),
+        "files_from_earlier_runs": sorted(set(folder.earlier) - written),
     }
-    cli.write_atomic(out / "summary.json", json.dumps(_json_safe(summary), indent=2).encode())
+    try:
+        folder.write(cli.SUMMARY, report.json_bytes(summary))
+    except cli.OutputError as e:
+        failure = f"{failure}; summary.json could not be written either" if failure else str(e)
+    if failure:
+        raise cli.OutputError(f"{failure}; stopped after {tally.images} of {total} inputs")
     print(
         f"evaluated {tally.images} of {total} in {wall:.1f} s ({summary['images_per_s']:.2f} img/s) -> {out}",
         file=sys.stderr,
@@ -784,7 +835,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return run(parse_args(argv), argv)
-    except cli.UsageError as e:
+    except (cli.UsageError, cli.OutputError) as e:
         print(f"{cli.PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

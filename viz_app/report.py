@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import platform
 from dataclasses import asdict, dataclass, field, fields
 
@@ -325,8 +326,52 @@ class Report:
         if unknown:
             raise ValueError(f"arrays outside the schema: {sorted(unknown)}")
         buf = io.BytesIO()
-        np.savez(buf, report_json=np.array(json.dumps(self.meta(), indent=2)), **self.arrays)
+        np.savez(buf, report_json=np.array(json_text(self.meta(), indent=2)), **self.arrays)
         return buf.getvalue()
+
+
+def json_safe(x) -> tuple[object, int]:
+    """x with every NaN or infinite float replaced by None (numpy scalars and arrays as plain
+    values), and how many were replaced."""
+    count = 0
+
+    def walk(v):
+        nonlocal count
+        if isinstance(v, dict):
+            return {k: walk(u) for k, u in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [walk(u) for u in v]
+        if isinstance(v, np.ndarray):
+            return walk(v.tolist())
+        if isinstance(v, (float, np.floating)):
+            if math.isfinite(v):
+                return float(v)
+            count += 1
+            return None
+        if isinstance(v, np.integer):
+            return int(v)
+        return v
+
+    return walk(x), count
+
+
+def json_text(obj, **kw) -> str:
+    """obj as strict JSON: `NaN` and `Infinity` are not JSON (strict parsers refuse the file), so
+    non-finite numbers become null and an object gets "non_finite_as_null": how many. Without any,
+    the text is json.dumps's own."""
+    try:
+        return json.dumps(obj, allow_nan=False, **kw)
+    except ValueError:  # a non-finite float
+        pass
+    safe, n = json_safe(obj)
+    if isinstance(safe, dict):
+        safe["non_finite_as_null"] = n
+    return json.dumps(safe, allow_nan=False, **kw)
+
+
+def json_bytes(obj) -> bytes:
+    """A summary file's bytes: json_text with the summaries' indent."""
+    return json_text(obj, indent=2).encode()
 
 
 def split(arrays: dict[str, np.ndarray], b: int) -> dict[str, np.ndarray]:
