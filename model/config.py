@@ -6,7 +6,9 @@ P = number of prefix tokens, N = gh * gw patch tokens, T = P + N.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
+from numbers import Integral, Real
 
 # The activation names ViTConfig.act accepts are the keys of linear.ACTIVATIONS, their one list
 # (it maps each to its function). This brings in torch, as the package's __init__ does anyway.
@@ -14,6 +16,7 @@ from .linear import ACTIVATIONS
 
 POOLS = ("token", "avg", "token_avg")
 POS_RESAMPLE_METHODS = ("bicubic", "bicubic_plain", "bilinear", "bicubic_dino", "nearest")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -22,12 +25,164 @@ INCEPTION_STD = (0.5, 0.5, 0.5)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+# ---- bounds on every size a file can state ------------------------------------------------------
+# A checkpoint or config file is data from anywhere: each size it states is checked against these
+# before anything is built from it, so that a few bytes cannot ask for a model of a million blocks.
+# Each bound is several times the largest released plain ViT (ViT-22B: width 6144, 48 blocks, 48
+# heads, MLP 24576; ViT-e: 56 blocks); the memory a model at these sizes needs is checked on top
+# (model.weights.load) and, for the analysis, by viz_app.pipeline.memory_shortfall.
+MAX_IMAGE_SIDE = 4096  # pixels; a ViT-B/16 at 4096 px has 65536 tokens, already beyond any memory here
+MAX_DEPTH = 256
+MAX_EMBED_DIM = 16384
+MAX_HEADS = 256
+MAX_MLP_DIM = 65536
+MAX_IN_CHANS = 16
+MAX_STEM_LAYERS = 8  # a conv stem of 8 stride-2 layers already needs patches of 256 px
+MAX_REGISTERS = 1024  # DINOv2 uses 4, later work up to 16
+MAX_CLASSES = 1 << 20  # ImageNet-21k has 21843, JFT 18291
+MAX_TOKENS = 1 << 18  # prefix + patch tokens: a 4096 px image at patch 8
+# LayerNorm adds eps to a variance that can be exactly 0: below ~1e-12 (transformers' ViT default,
+# the smallest any released ViT uses) it rounds away in float32 and a constant token becomes NaN.
+MIN_NORM_EPS, MAX_NORM_EPS = 1e-12, 1.0
+# Preprocessing works on pixels in [0, 1]. With |mean| <= 10 and std >= 1e-3, (x - mean) / std stays
+# within about +-1.1e4, finite even in float16 (largest 65504), the narrowest dtype the model runs in;
+# released stds are 0.2-0.5, and a model trained on 0-255 inputs (std 1/255 on this scale) still fits.
+# A std of 1e-45 (seen in a hostile config) made every pixel infinite.
+MAX_ABS_MEAN = 10.0
+MIN_STD, MAX_STD = 1e-3, 1e3
+# The centre crop keeps crop_pct of the resized side: below 0.1 it keeps under 1% of the image (no
+# released model uses less than 0.75) and the resize before the crop grows by 1 / crop_pct.
+MIN_CROP_PCT = 0.1
+SHOWN_CHARS = 40  # an echoed value in a message is cut to this many characters
 
-def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    h, w = value
-    return (int(h), int(w))
+
+def shown(value) -> str:
+    """repr(value) cut to SHOWN_CHARS characters: what a message may quote of a value from a file."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
+
+
+class ConfigValueError(ValueError):
+    """A configuration value of the wrong type or out of its accepted range. `field` names the
+    dataclass field; named() says the same in the words of the file the value came from."""
+
+    def __init__(self, owner: str, field: str, requirement: str, value) -> None:
+        self.owner, self.field, self.requirement, self.value = owner, field, requirement, value
+        super().__init__(f"invalid {owner}: {field} must be {requirement}, got {shown(value)}")
+
+    def named(self, where: str, key: str | None = None) -> str:
+        """'<file>: <key> must be <requirement>, got <value>' (one line, the value cut short)."""
+        return f"{where}: {key or self.field} must be {self.requirement}, got {shown(self.value)}"
+
+
+def _is_whole(v) -> bool:
+    return isinstance(v, Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, Real) and not isinstance(v, bool)
+
+
+def check_whole(owner: str, field: str, v, lo: int, hi: int) -> int:
+    if not (_is_whole(v) and lo <= v <= hi):
+        raise ConfigValueError(owner, field, f"a whole number from {lo} to {hi}", v)
+    return int(v)
+
+
+def check_real(owner: str, field: str, v, lo: float, hi: float) -> float:
+    if not (_is_real(v) and math.isfinite(v) and lo <= v <= hi):
+        raise ConfigValueError(owner, field, f"a finite number from {lo:g} to {hi:g}", v)
+    return float(v)
+
+
+def check_flag(owner: str, field: str, v) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigValueError(owner, field, "true or false", v)
+    return v
+
+
+def check_choice(owner: str, field: str, v, choices) -> str:
+    if not (isinstance(v, str) and v in choices):
+        raise ConfigValueError(owner, field, f"one of {', '.join(choices)}", v)
+    return v
+
+
+def check_image_size(owner: str, field: str, v) -> tuple[int, int]:
+    """A side or (height, width), each a whole number of pixels from 1 to MAX_IMAGE_SIDE."""
+    sides = (v, v) if _is_whole(v) else v
+    if (
+        isinstance(sides, (tuple, list))
+        and len(sides) == 2
+        and all(_is_whole(s) and 1 <= s <= MAX_IMAGE_SIDE for s in sides)
+    ):
+        return (int(sides[0]), int(sides[1]))
+    raise ConfigValueError(owner, field, f"a side or (height, width) in pixels, each from 1 to {MAX_IMAGE_SIDE}", v)
+
+
+def check_triple(owner: str, field: str, v, lo: float, hi: float) -> tuple[float, float, float]:
+    """Exactly three finite numbers (one per RGB channel), each in [lo, hi]."""
+    if not (
+        isinstance(v, (tuple, list))
+        and len(v) == 3
+        and all(_is_real(x) and math.isfinite(x) and lo <= x <= hi for x in v)
+    ):
+        raise ConfigValueError(owner, field, f"3 finite numbers from {lo:g} to {hi:g} (one per RGB channel)", v)
+    return tuple(float(x) for x in v)
+
+
+def _optional(check):
+    return lambda owner, field, v: None if v is None else check(owner, field, v)
+
+
+def _check_stem(owner: str, field: str, v) -> tuple[int, ...]:
+    if not (
+        isinstance(v, (tuple, list))
+        and len(v) <= MAX_STEM_LAYERS
+        and all(_is_whole(c) and 1 <= c <= MAX_EMBED_DIM for c in v)
+    ):
+        raise ConfigValueError(
+            owner, field, f"a list of at most {MAX_STEM_LAYERS} widths, each from 1 to {MAX_EMBED_DIM}", v
+        )
+    return tuple(int(c) for c in v)
+
+
+def _whole(lo: int, hi: int):
+    return lambda owner, field, v: check_whole(owner, field, v, lo, hi)
+
+
+# The check of each ViTConfig field on its own: type and range. ViTConfig applies them all; the
+# config-file readers apply them to each value they read, to name the file and key on a failure.
+VIT_FIELD_CHECKS = {
+    "image_size": check_image_size,
+    "patch_size": _whole(1, MAX_IMAGE_SIDE),
+    "in_chans": _whole(1, MAX_IN_CHANS),
+    "embed_dim": _whole(1, MAX_EMBED_DIM),
+    "depth": _whole(1, MAX_DEPTH),
+    "num_heads": _whole(1, MAX_HEADS),
+    "mlp_dim": _whole(1, MAX_MLP_DIM),
+    "qkv_bias": check_flag,
+    "patch_bias": check_flag,
+    "conv_stem": _check_stem,
+    "class_token": check_flag,
+    "distill_token": check_flag,
+    "num_registers": _whole(0, MAX_REGISTERS),
+    "pos_embed_prefix": _optional(_whole(0, MAX_REGISTERS + 2)),
+    "pre_norm": check_flag,
+    "act": lambda owner, field, v: check_choice(owner, field, v, tuple(ACTIVATIONS)),
+    "norm_eps": lambda owner, field, v: check_real(owner, field, v, MIN_NORM_EPS, MAX_NORM_EPS),
+    "layer_scale": check_flag,
+    "global_pool": lambda owner, field, v: check_choice(owner, field, v, POOLS),
+    "fc_norm": check_flag,
+    "representation_size": _optional(_whole(1, MAX_EMBED_DIM)),
+    "num_classes": _whole(0, MAX_CLASSES),
+    "distilled_head": check_flag,
+    "projection_dim": _optional(_whole(1, MAX_EMBED_DIM)),
+}
+
+
+def check_vit_field(field: str, value):
+    """One ViTConfig field's value, checked (ConfigValueError) and normalised (tuples, ints)."""
+    return VIT_FIELD_CHECKS[field]("ViTConfig", field, value)
 
 
 @dataclass(frozen=True)
@@ -64,28 +219,25 @@ class ViTConfig:
     projection_dim: int | None = None  # CLIP visual projection (no bias), gives image embeddings
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "image_size", _pair(self.image_size))
-        object.__setattr__(self, "conv_stem", tuple(int(c) for c in self.conv_stem))
+        # each field on its own first (type and bounds), so that the relations below compare numbers
+        for name in VIT_FIELD_CHECKS:
+            object.__setattr__(self, name, check_vit_field(name, getattr(self, name)))
         if self.pos_embed_prefix is None:
             object.__setattr__(self, "pos_embed_prefix", self.num_prefix_tokens)
         problems = []
         h, w = self.image_size
         p = self.patch_size
-        if p <= 0 or h <= 0 or w <= 0:
-            problems.append(f"image_size {self.image_size} and patch_size {p} must be positive")
-        elif h % p or w % p:
+        if h % p or w % p:
             problems.append(f"image_size {self.image_size} is not divisible by patch_size {p}")
-        if self.conv_stem and (p % 2 ** len(self.conv_stem) or min(self.conv_stem) <= 0):
+        elif self.num_tokens > MAX_TOKENS:
+            problems.append(f"{self.num_tokens} tokens (image_size {self.image_size}, patch {p}) exceed {MAX_TOKENS}")
+        if self.conv_stem and p % 2 ** len(self.conv_stem):
             problems.append(
                 f"a conv stem of {len(self.conv_stem)} stride-2 layers needs patch_size divisible by "
-                f"{2 ** len(self.conv_stem)} and positive widths, got {p} and {self.conv_stem}"
+                f"{2 ** len(self.conv_stem)}, got {p}"
             )
         if self.embed_dim % self.num_heads:
             problems.append(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        if self.act not in ACTIVATIONS:
-            problems.append(f"act must be one of {tuple(ACTIVATIONS)}, got {self.act!r}")
-        if self.global_pool not in POOLS:
-            problems.append(f"global_pool must be one of {POOLS}, got {self.global_pool!r}")
         if self.global_pool in ("token", "token_avg") and not self.class_token:
             problems.append(f"global_pool={self.global_pool!r} needs a class token")
         if not 0 <= self.pos_embed_prefix <= self.num_prefix_tokens:
@@ -94,10 +246,6 @@ class ViTConfig:
             problems.append("distilled_head needs distill_token")
         if self.distill_token and not self.class_token:
             problems.append("a distillation token needs a class token")
-        if min(self.depth, self.num_heads, self.embed_dim, self.mlp_dim, self.in_chans) <= 0:
-            problems.append("depth, num_heads, embed_dim, mlp_dim and in_chans must be positive")
-        if self.num_registers < 0 or self.num_classes < 0:
-            problems.append("num_registers and num_classes must be >= 0")
         if problems:
             raise ValueError("invalid ViTConfig: " + "; ".join(problems))
 
@@ -154,7 +302,7 @@ class ViTConfig:
         return self.embed_dim * (2 if self.global_pool == "token_avg" else 1)
 
     def with_image_size(self, image_size: int | tuple[int, int]) -> ViTConfig:
-        return replace(self, image_size=_pair(image_size))
+        return replace(self, image_size=image_size)  # checked by __post_init__
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -188,17 +336,15 @@ class Preprocessing:
     std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "input_size", _pair(self.input_size))
-        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
-        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
-        if self.mode not in ("crop", "squash"):
-            raise ValueError(f"preprocessing mode must be 'crop' or 'squash', got {self.mode!r}")
-        if not 0 < self.crop_pct <= 1:
-            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
-        if self.interpolation not in ("bicubic", "bilinear", "nearest", "lanczos"):
-            raise ValueError(f"unknown interpolation {self.interpolation!r}")
-        if any(s <= 0 for s in self.std):
-            raise ValueError("std must be positive")
+        # Every path that makes one (config files, the curated table, code) goes through these
+        # checks, so that no bad value reaches prepare_image: see the bounds at the top of the module.
+        owner = "preprocessing"
+        object.__setattr__(self, "input_size", check_image_size(owner, "input_size", self.input_size))
+        check_choice(owner, "mode", self.mode, ("crop", "squash"))
+        object.__setattr__(self, "crop_pct", check_real(owner, "crop_pct", self.crop_pct, MIN_CROP_PCT, 1.0))
+        check_choice(owner, "interpolation", self.interpolation, INTERPOLATIONS)
+        object.__setattr__(self, "mean", check_triple(owner, "mean", self.mean, -MAX_ABS_MEAN, MAX_ABS_MEAN))
+        object.__setattr__(self, "std", check_triple(owner, "std", self.std, MIN_STD, MAX_STD))
 
     def to_dict(self) -> dict:
         d = asdict(self)
