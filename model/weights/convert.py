@@ -12,6 +12,7 @@ import re
 import torch
 from torch import Tensor
 
+from ..config import MAX_DEPTH, shown
 from ..errors import CheckpointError
 
 # ---- format detection by sentinel keys -------------------------------------------------------
@@ -31,7 +32,7 @@ def detect_format(sd: dict[str, Tensor]) -> str:
         return "hf_vit"
     if _any_endswith(keys, "patch_embed.proj.weight"):
         return "timm"
-    sample = ", ".join(sorted(keys)[:6])
+    sample = ", ".join(shown(k) for k in sorted(keys)[:6])  # names cut short: they come from the file
     raise CheckpointError(
         "not a recognised Vision Transformer checkpoint (no patch-embedding weights found; "
         f"first keys: {sample or 'none'})"
@@ -116,7 +117,17 @@ def from_google_npz(w: dict[str, Tensor]) -> dict[str, Tensor]:
     dense("pre_logits", "pre_logits")
     dense("head", "head")
     if scanned:
+        # one stacked tensor per parameter, the blocks on axis 0: every one must have the same count
         depth = int(w["Transformer/encoderblock/LayerNorm_0/scale"].shape[0])
+        if not 1 <= depth <= MAX_DEPTH:
+            raise CheckpointError(f"the scanned encoder block stacks {depth} layers; 1 to {MAX_DEPTH} are supported")
+        uneven = [
+            k for k, v in w.items() if k.startswith("Transformer/encoderblock/") and (v.ndim < 1 or v.shape[0] != depth)
+        ]
+        if uneven:
+            raise CheckpointError(
+                f"the scanned encoder block's {shown(uneven[0])} does not stack {depth} layers like LayerNorm_0/scale"
+            )
         blocks = [("Transformer/encoderblock/", i) for i in range(depth)]
     else:
         depth = 0
@@ -147,7 +158,7 @@ def from_google_npz(w: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def google_num_heads(w: dict[str, Tensor]) -> int | None:
     for key, v in w.items():
-        if re.search(r"encoderblock(_0)?/MultiHeadDotProductAttention_[01]/query/kernel$", key):
+        if re.search(r"encoderblock(_0)?/MultiHeadDotProductAttention_[01]/query/kernel$", key) and v.ndim >= 3:
             return int(v.shape[-2])  # (C, H, D), or (L, C, H, D) when scanned
     return None
 
