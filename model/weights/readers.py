@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import struct
 import zipfile
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..config import shown
 from ..errors import CheckpointError, first_line
 
 # Dicts that training scripts wrap a state dict in, most preferred first.
@@ -20,35 +22,106 @@ STATE_DICT_WRAPPERS = ("state_dict_ema", "model_ema", "state_dict", "model", "te
 SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
 
 
+# What a file may hold once inflated or viewed, against its size on disk. Trained float weights barely
+# compress (a savez_compressed .npz is ~90% of the raw size; .pth and .safetensors are stored raw),
+# so more than 8 times the file plus 64 MiB (room for small, zero-heavy test checkpoints) is a
+# compression bomb (a 3 MB .npz of one deflated 800 M-float member of zeros) or tensors that alias
+# one storage many times; it is refused from the zip directory or the tensors' declared sizes,
+# before anything of that size is allocated.
+MAX_INFLATION = 8
+INFLATION_SLACK = 64 * 2**20
+MAX_TENSORS = 1 << 16  # a state dict has hundreds to a few thousand; a zip directory may claim millions
+NPY_MAX_HEADER = 10_000  # numpy's own default limit on an .npy header
+NPY_READ_CHUNK = 16 * 2**20
+
+
+def inflation_budget(file_size: int) -> int:
+    """The bytes a file of file_size bytes may hold once read (see MAX_INFLATION)."""
+    return MAX_INFLATION * file_size + INFLATION_SLACK
+
+
+def _check_zip_directory(p: Path) -> list[zipfile.ZipInfo]:
+    """The members of a zip (an .npz or a PyTorch .pth/.bin), their declared uncompressed sizes
+    (from the central directory: nothing is inflated yet) checked against the file's size."""
+    with zipfile.ZipFile(p) as z:
+        infos = z.infolist()
+    if len(infos) > MAX_TENSORS:
+        raise CheckpointError(f"{p.name} has {len(infos)} archive members; at most {MAX_TENSORS} are accepted")
+    if sum(i.file_size for i in infos) > inflation_budget(p.stat().st_size):
+        raise CheckpointError(
+            f"{p.name}: its archive members would inflate to more than {MAX_INFLATION} times the file's "
+            "size; refusing a possible compression bomb"
+        )
+    return infos
+
+
+def _npy_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> np.ndarray:
+    """One .npy member: its header's shape x dtype must be what the directory declares for the
+    member, so that the array allocated for it is never larger than the (budgeted) member."""
+    key = info.filename.removesuffix(".npy")
+    with z.open(info) as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f, max_header_size=NPY_MAX_HEADER)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f, max_header_size=NPY_MAX_HEADER)
+        except ValueError:
+            raise CheckpointError(f"{name}: member {shown(info.filename)} is not a NumPy .npy array") from None
+        if dtype.hasobject:
+            raise CheckpointError(f"{name} holds pickled Python objects; refusing to load them (they could run code)")
+        count = math.prod(shape)
+        header = f.tell()
+        if header + count * dtype.itemsize != info.file_size:
+            raise CheckpointError(
+                f"{name}: array {shown(key)} declares a shape and dtype that do not match its size in the archive"
+            )
+        buf = bytearray(count * dtype.itemsize)
+        view, at = memoryview(buf), 0
+        while at < len(buf):  # in pieces: a zip member's readinto would read the whole into a copy first
+            n = f.readinto(view[at : at + NPY_READ_CHUNK])
+            if not n:
+                raise CheckpointError(f"{name}: array {shown(key)} is truncated")
+            at += n
+    arr = np.frombuffer(buf, dtype=dtype)
+    arr = arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
+    return arr
+
+
 def read_npz(path: str | Path) -> dict[str, Tensor]:
-    """A NumPy .npz (Google/big_vision layout, keys joined with '/'). Object arrays are refused."""
+    """A NumPy .npz (Google/big_vision layout, keys joined with '/'). Object arrays are refused; the
+    members' declared sizes are checked against the file before any is inflated."""
+    p = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as data:
-            out = {}
-            for k in data.files:
-                arr = data[k]
+        infos = _check_zip_directory(p)
+        out = {}
+        with zipfile.ZipFile(p) as z:
+            for info in infos:
+                k = info.filename.removesuffix(".npy")
+                arr = _npy_member(z, info, p.name)
                 if arr.dtype.kind == "V" and arr.dtype.itemsize == 2:  # big_vision saves bfloat16 as void
-                    out[k] = torch.from_numpy(arr.view(np.int16).copy()).view(torch.bfloat16).float()
+                    out[k] = torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16).float()
                     continue
                 if arr.dtype.kind not in "fiub":
-                    raise CheckpointError(f"{Path(path).name}: array {k!r} has dtype {arr.dtype}, not numeric")
+                    raise CheckpointError(f"{p.name}: array {shown(k)} has dtype {arr.dtype}, not numeric")
+                if not arr.dtype.isnative:
+                    arr = arr.astype(arr.dtype.newbyteorder("="))
                 out[k] = torch.from_numpy(np.ascontiguousarray(arr))
             return out
     except CheckpointError:
         raise
-    except ValueError as e:
-        if "allow_pickle" in str(e) or "Object arrays" in str(e):
-            raise CheckpointError(
-                f"{Path(path).name} holds pickled Python objects; refusing to load them (they could run code)"
-            ) from None
-        raise CheckpointError(f"{Path(path).name} is not a readable .npz file: {e}") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as e:
-        raise CheckpointError(f"{Path(path).name} is not a readable .npz file: {e}") from None
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as e:
+        raise CheckpointError(f"{p.name} is not a readable .npz file ({type(e).__name__})") from None
 
 
 def read_torch(path: str | Path) -> dict[str, Tensor]:
     """A PyTorch .pth/.bin, unpickled with weights_only=True (tensors and plain containers only)."""
     name = Path(path).name
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"  # torch's own test for its zip format
+    if is_zip:
+        # torch inflates a deflated storage record in full: the declared sizes are checked first
+        _check_zip_directory(Path(path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as e:
@@ -125,6 +198,8 @@ def _check_safetensors_header(p: Path) -> None:
             raise CheckpointError(f"{p.name} is not a valid safetensors file: its header is not valid JSON") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{p.name} is not a valid safetensors file: its header is not a JSON object")
+    if len(header) > MAX_TENSORS + 1:  # + __metadata__; refused before a tensor is made for each entry
+        raise CheckpointError(f"{p.name} lists {len(header)} tensors; at most {MAX_TENSORS} are accepted")
     for key, info in header.items():
         if key == "__metadata__":
             continue
@@ -143,8 +218,11 @@ def read_weights_file(path: str | Path) -> dict[str, Tensor]:
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"no such checkpoint file: {p}")
-    with open(p, "rb") as f:
-        magic = f.read(9)
+    try:
+        with open(p, "rb") as f:
+            magic = f.read(9)
+    except OSError as e:
+        raise CheckpointError(f"{p.name} cannot be read ({e.strerror or type(e).__name__})") from None
     if not magic:
         raise CheckpointError(f"{p.name} is empty")
     if p.suffix == ".npz" or (magic[:2] == b"PK" and _is_npz(p)):
@@ -168,16 +246,26 @@ def read_weights_file(path: str | Path) -> dict[str, Tensor]:
 def _check_tensors(tensors: dict[str, Tensor], p: Path) -> dict[str, Tensor]:
     """Only plain dense tensors: no sparse, quantized or meta tensors (they pass the unpickler and
     fail later), and none expanded from a smaller storage (a stride-0 tensor of a few bytes in the
-    file that would take gigabytes once made contiguous)."""
+    file that would take gigabytes once made contiguous). Their sizes together must fit the file's
+    inflation budget: many tensors viewing one storage would each become a copy when converted."""
+    if len(tensors) > MAX_TENSORS:
+        raise CheckpointError(f"{p.name} holds {len(tensors)} tensors; at most {MAX_TENSORS} are accepted")
+    total = 0
     for k, t in tensors.items():
         if t.layout != torch.strided or t.is_meta or t.is_quantized:
             kind = "meta" if t.is_meta else "quantized" if t.is_quantized else str(t.layout).replace("torch.", "")
-            raise CheckpointError(f"{p.name}: tensor {k!r} is a {kind} tensor; only dense tensors are supported")
+            raise CheckpointError(f"{p.name}: tensor {shown(k)} is a {kind} tensor; only dense tensors are supported")
         if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
             raise CheckpointError(
-                f"{p.name}: tensor {k!r} is expanded from a smaller storage (a zero stride); "
+                f"{p.name}: tensor {shown(k)} is expanded from a smaller storage (a zero stride); "
                 "save it with .contiguous() or .clone()"
             )
+        total += t.numel() * t.element_size()
+    if total > inflation_budget(p.stat().st_size):
+        raise CheckpointError(
+            f"{p.name}: its tensors add up to more than {MAX_INFLATION} times the file's size "
+            "(tensors sharing one storage?); refusing to copy them"
+        )
     return tensors
 
 
