@@ -721,3 +721,20 @@ def test_evaluate_keeps_the_users_files_and_a_full_disk_is_one_line(tmp_path, mo
     assert not [p for p in out.iterdir() if p.name.endswith(cli.TEMP_SUFFIX)]
     s = _strict_json(out / "summary.json")
     assert s["complete"] is False and s["files"] == {} and "No space left" in s["stopped"]
+
+
+def test_evaluate_with_a_nan_head_warns_once_and_writes_strict_json_and_its_plots(tmp_path, capsys):
+    """Its plots failed on the NaN curves (cannot convert float NaN to integer), with no summary."""
+    model = _demo_with(tmp_path, lambda k, v: torch.full_like(v, float("nan")) if k.startswith("head") else v)
+    for i in range(2):
+        _png(tmp_path / "in" / f"img{i}.png", i)
+    out = tmp_path / "out"
+    argv = ["--model", str(model), "--out", str(out), "--steps", "2", "--modes", "drop", str(tmp_path / "in")]
+    assert ev.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    warnings = [ln for ln in _err_lines(err) if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "2 of 2 inputs" in warnings[0], err
+    s = _strict_json(out / "summary.json")
+    assert s["non_finite"]["images"] == ["img0", "img1"] and s["complete"]
+    assert cv2.imread(str(out / "faithfulness.png")) is not None

@@ -306,6 +306,7 @@ class Tally:
     pointing: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # map -> score -> values
     correct: list[bool] = field(default_factory=list)
     images: int = 0
+    non_finite: list[str] = field(default_factory=list)  # images whose forward gave NaN or Inf
 
 
 class _Progress(cli.Progress):
@@ -343,6 +344,10 @@ def evaluate_batch(
     stages = len(args.modes) + (args.randomization != "none")
     progress.within(B, 0, "maps")
     fwd = run_forward(lm.model, pixels, gradients=gradients, target=target)
+    finite = torch.isfinite(fwd.features).flatten(1).all(1) & torch.isfinite(fwd.attentions).flatten(1).all(1)
+    if fwd.logits is not None:
+        finite &= torch.isfinite(fwd.logits).all(1)
+    tally.non_finite += [n for n, ok in zip(batch.names, finite.tolist()) if not ok]
     maps = probes.attribution_maps(lm, fwd, rollout_kw, head=args.head)
     target_np = None if fwd.target is None else fwd.target.cpu().numpy()
     start = tally.images
@@ -492,7 +497,20 @@ def _colour(name: str, order: list[str]) -> tuple[int, int, int]:
 
 
 def _polyline(img, pts, colour, thick, dashed) -> None:
-    pts = [tuple(int(round(v)) for v in p) for p in pts]
+    """A line through pts; a point that is not finite (a NaN score, e.g. from non-finite weights)
+    breaks the line there instead of failing the plot."""
+    runs: list[list[tuple[int, int]]] = [[]]
+    for p in pts:
+        if np.isfinite(p).all():
+            runs[-1].append(tuple(int(round(float(v))) for v in p))
+        elif runs[-1]:
+            runs.append([])
+    for run in runs:
+        if run:
+            _segments(img, run, colour, thick, dashed)
+
+
+def _segments(img, pts, colour, thick, dashed) -> None:
     if not dashed:
         cv2.polylines(img, [np.array(pts, np.int32)], False, colour, thick, cv2.LINE_AA)
         return
@@ -810,6 +828,7 @@ def _run(args, argv, settings, files: list[Path] | None, unreadable, folder: cli
         "wall_time_s": round(wall, 3),
         "images_per_s": round(tally.images / max(wall, 1e-9), 4),
         "exit_status": status,
+        "non_finite": {"images": tally.non_finite, "note": "images whose forward pass gave NaN or Inf"},
         "written_by": f"{cli.PROG} evaluate",
         "complete": failure is None,
         "stopped": failure,
@@ -821,6 +840,11 @@ def _run(args, argv, settings, files: list[Path] | None, unreadable, folder: cli
         folder.write(cli.SUMMARY, report.json_bytes(summary))
     except cli.OutputError as e:
         failure = f"{failure}; summary.json could not be written either" if failure else str(e)
+    if tally.non_finite:
+        progress.note(
+            f"warning: {len(tally.non_finite)} of {tally.images} inputs gave non-finite values (NaN or Inf): the "
+            "model's weights or its preprocessing produce them; summary.json lists them and writes such numbers as null"
+        )
     if failure:
         raise cli.OutputError(f"{failure}; stopped after {tally.images} of {total} inputs")
     print(
