@@ -240,11 +240,15 @@ def _fail_after(monkeypatch, n: int, exc: BaseException, *, once: bool = False) 
     return calls
 
 
-@pytest.mark.parametrize("after", [0, 3, 6])
-def test_a_full_disk_stops_with_one_line_and_a_summary_of_what_was_written(tmp_path, monkeypatch, capsys, after):
+@pytest.mark.parametrize("after, threads", [(0, False), (3, False), (6, False), (3, True)])
+def test_a_full_disk_stops_with_one_line_and_a_summary_of_what_was_written(
+    tmp_path, monkeypatch, capsys, after, threads
+):
     for i in range(5):
         _png(tmp_path / "in" / f"img{i}.png", i)
     out = tmp_path / "out"
+    if threads:  # reading, the model and writing overlapped, as on a GPU: the error comes from the writer thread
+        monkeypatch.setattr(cli, "overlap_stages", lambda device: True)
     _fail_after(monkeypatch, after, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), once=True)
     t = time.perf_counter()
     rc, err = _run(["analyze", "--model", "demo", "--batch-size", "2", "--out", str(out), str(tmp_path / "in")], capsys)
@@ -738,3 +742,14 @@ def test_evaluate_with_a_nan_head_warns_once_and_writes_strict_json_and_its_plot
     s = _strict_json(out / "summary.json")
     assert s["non_finite"]["images"] == ["img0", "img1"] and s["complete"]
     assert cv2.imread(str(out / "faithfulness.png")) is not None
+
+
+def test_an_output_folder_that_cannot_be_listed_is_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """Writable but not readable (mode 0300): what is in it cannot be known, so no name is safe."""
+    out = tmp_path / "out"
+    out.mkdir()
+    _unlistable(monkeypatch, out)
+    _no_model(monkeypatch)
+    rc, err = _run(["analyze", "--model", "demo", "--out", str(out), str(_png(tmp_path / "a.png"))], capsys)
+    assert rc == 2
+    _one_error(err, "cannot list output folder", "Permission denied")

@@ -398,16 +398,19 @@ class OutputFolder:
         """What is here: temporaries of a killed run (removed: the lock says no run is writing
         them), an earlier run's files (replaceable), anything else (never touched)."""
         entries: dict[str, bool] = {}  # name -> replaceable kind (not a folder)
-        with os.scandir(self.path) as it:
-            for e in it:
-                if e.name.startswith(TEMP_PREFIX) and e.name.endswith(TEMP_SUFFIX):
-                    with contextlib.suppress(OSError):
-                        os.unlink(e.path)
-                    continue
-                try:
-                    entries[e.name] = not e.is_dir(follow_symlinks=False)
-                except OSError:
-                    entries[e.name] = False
+        try:
+            with os.scandir(self.path) as it:
+                for e in it:
+                    if e.name.startswith(TEMP_PREFIX) and e.name.endswith(TEMP_SUFFIX):
+                        with contextlib.suppress(OSError):
+                            os.unlink(e.path)
+                        continue
+                    try:
+                        entries[e.name] = not e.is_dir(follow_symlinks=False)
+                    except OSError:
+                        entries[e.name] = False
+        except OSError as e:  # writable but not readable: what is there cannot be known, so nothing is safe
+            raise UsageError(f"cannot list output folder {self.path}: {e.strerror or first_line(e)}") from None
         claimed = earlier_outputs(self.path / SUMMARY) if SUMMARY in entries else set()
         if claimed is None:
             raise UsageError(f"{self.path} already holds a {SUMMARY} that vit-lens did not write: choose another --out")
@@ -656,7 +659,9 @@ def check_memory(lm: LoadedModel, batch: int, *, gradients: bool, per_image_byte
     work (the overlay's original); at most MAX_HELD_BYTES of them per batch, STAGES_IN_FLIGHT
     batches at once."""
 
-    def held(b: int) -> int:
+    def held(b: int) -> int:  # host memory: not counted against a GPU's
+        if lm.device.type != "cpu":
+            return 0
         return STAGES_IN_FLIGHT * min(b * per_image_bytes, MAX_HELD_BYTES + per_image_bytes)
 
     def shortfall(b: int) -> str | None:
