@@ -259,3 +259,26 @@ def test_decoding_stops_at_its_deadline(monkeypatch):
     monkeypatch.setattr(preprocess, "_clock", lambda: next(ticks))
     with pytest.raises(ImageError, match=r"slow.jpg took more than 15 s to decode; it was stopped"):
         load_image(data, name="slow.jpg")
+
+
+def test_overlays_on_a_large_original_are_drawn_at_most_16_mp():
+    """The app's 'rollout on the original' download and the CLI's _rollout.png reduce the original
+    by a whole factor first (drawing cost 28 bytes a pixel: 1.4 GB for a 50 MP photo)."""
+    import numpy as np
+    from PIL import Image
+
+    from model.config import Preprocessing
+    from model.preprocess import prepare_image
+    from viz_app import render
+
+    original = np.zeros((4500, 4000, 3), np.uint8)  # 18 MP
+    original[:, 2000:] = 200
+    prepared = prepare_image(Image.fromarray(original), Preprocessing())
+    small, geometry = render.reduced_original(original, prepared)
+    assert small.shape == (2250, 2000, 3) and geometry.original_size == (2000, 2250)
+    assert geometry.crop_box == prepared.crop_box and geometry.resized_size == prepared.resized_size
+    assert small[:, 999].max() == 0 and small[:, 1000].min() == 200  # a box filter: the edge stays put
+    out = render.overlay_on_original(small, geometry, np.ones(prepared.view.shape[0] // 16 * np.ones(2, int)))
+    assert out.shape == small.shape
+    tiny = original[:100, :100]
+    assert render.reduced_original(tiny, prepared)[0] is tiny

@@ -57,7 +57,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from model import ViTLensError, load_checkpoint
 from model.errors import first_line
@@ -75,11 +74,11 @@ except ImportError:  # not on Windows: runs there are not locked
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 log = logging.getLogger("viz_app")
 
-# The rollout overlay is drawn over the original, downscaled (by a whole factor, box filter) to at
-# most this many pixels: 16 MP keeps a 12 MP photo whole and halves each side of a 48 MP one. At
-# 50 MP the overlay's float temporaries alone took 2 GB and 4 s per image; its map has one value
-# per patch, so past this size it only repeats the photo's own detail.
-OVERLAY_MAX_PIXELS = 16_000_000
+# The rollout overlay is drawn over the original reduced (by a whole factor, box filter) to at most
+# this many pixels, as in the app (render.reduced_original): 16 MP keeps a 12 MP photo whole and
+# halves each side of a 48 MP one. At 50 MP the overlay's float temporaries alone took 2 GB and 4 s
+# per image; its map has one value per patch, so past this size it only repeats the photo's detail.
+OVERLAY_MAX_PIXELS = render.OVERLAY_MAX_PIXELS
 # A batch stops taking images once the originals it holds reach this (plus the last image read, at
 # most 3 * OVERLAY_MAX_PIXELS bytes); three batches are in flight at most (one read, one in the
 # model, one written), so about 1 GB of originals at worst instead of 8 x 150 MB per batch.
@@ -504,19 +503,6 @@ class InlineExecutor(Executor):
         return future
 
 
-def overlay_original(img: Image.Image, prepared: PreparedImage) -> tuple[np.ndarray, PreparedImage]:
-    """The original as the overlay needs it: downscaled by the smallest whole factor that brings it
-    to OVERLAY_MAX_PIXELS or fewer (a box filter), with prepared's geometry mapped to that size."""
-    w, h = img.size
-    f = 1
-    while -(-w // f) * -(-h // f) > OVERLAY_MAX_PIXELS:
-        f += 1
-    if f == 1:
-        return np.asarray(img), prepared
-    small = img.reduce(f)
-    return np.asarray(small), dataclasses.replace(prepared, original_size=small.size)
-
-
 def read_batch(
     paths: list[Path],
     stems: list[str],
@@ -537,7 +523,9 @@ def read_batch(
             bad.append((path, str(e)))
             continue
         prepared = prepare_image(img, preprocessing)
-        original, geometry = overlay_original(img, prepared) if keep_original else (None, None)
+        original, geometry = (
+            render.reduced_original(img, prepared, OVERLAY_MAX_PIXELS) if keep_original else (None, None)
+        )
         del img
         items.append(Item(path, stem, prepared, original, geometry))
         held += 0 if original is None else original.nbytes

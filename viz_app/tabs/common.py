@@ -203,7 +203,7 @@ def overlay(ctx: Ctx, heat: np.ndarray, opts: dict, *, on_original: bool = False
     kw = dict(method=opts["method"], alpha=opts["alpha"], cmap=opts["cmap"], patch_size=ctx.lm.config.patch_size)
     kw |= dict(vmin=0.0, vmax=render.finite_max(heat))
     if on_original:
-        return render.overlay_on_original(ctx.original, ctx.result.prepared, heat, **kw)
+        return render.overlay_on_original(*render.reduced_original(ctx.original, ctx.result.prepared), heat, **kw)
     return render.overlay(ctx.result.prepared.view, heat, **kw)
 
 
