@@ -309,3 +309,16 @@ def test_scenes_on_the_demo_model_write_pointing(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["faithfulness.csv", "pointing.csv", "summary.json", "faithfulness.png"]
     )
+
+
+def test_intervals_count_only_finite_values_and_stay_strict_json():
+    import json as _json
+    import math as _math
+
+    from viz_app.evaluate import ci
+
+    got = ci([1.0, 3.0, float("inf"), float("nan"), float("-inf")])
+    assert got["n"] == 2 and got["mean"] == 2.0
+    assert _json.loads(_json.dumps(got, allow_nan=False)) == got
+    assert ci([float("inf")]) == {"mean": None, "ci95": [None, None], "n": 0}
+    assert not _math.isnan(ci([5.0])["mean"]) and ci([5.0])["ci95"] == [None, None]

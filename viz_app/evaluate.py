@@ -274,14 +274,16 @@ def _cell(v) -> str:
 
 
 def ci(values) -> dict:
-    """mean_ci as a JSON object: mean, ci95 [lower, upper], n (values that are not NaN)."""
+    """mean_ci as a JSON object: mean, ci95 [lower, upper], n (the finite values, which are the
+    ones mean_ci uses)."""
     v = np.asarray(values, dtype=np.float64).reshape(-1)
     m, lo, hi = mean_ci(v)
-    return {"mean": _num(m), "ci95": [_num(lo), _num(hi)], "n": int((~np.isnan(v)).sum())}
+    return {"mean": _num(m), "ci95": [_num(lo), _num(hi)], "n": int(np.isfinite(v).sum())}
 
 
 def _num(x: float) -> float | None:
-    return None if x is None or math.isnan(x) else float(x)
+    """A number for strict JSON: None where it is missing, NaN or infinite."""
+    return None if x is None or not math.isfinite(x) else float(x)
 
 
 # ---------------------------------------------------------------------------------------------
