@@ -196,6 +196,14 @@ def test_out_equal_to_the_input_folder_never_touches_the_users_files(tmp_path, c
     assert sorted(p.name for p in folder.iterdir()) == before
     s2 = _consistent(folder, users)
     assert s2["files"] == s["files"] and next(iter(s2["images"].values()))["npz"] == cat["npz"]
+    # the whole folder again: the first run's overlays are its outputs, not new inputs
+    rc, err = _run(argv, capsys)
+    # left out: the overlays of cat.png and of the user's cat_rollout.png, and the run's mad plot;
+    # the user's mad.png (not an image) is still named as skipped
+    assert rc == 1 and "left out 3 images" in err, err
+    s3 = _consistent(folder, users)
+    assert sorted(Path(e["file"]).name for e in s3["images"].values()) == ["cat.png", "cat_rollout.png"]
+    assert sorted(p.name for p in folder.iterdir()) == before
 
 
 def test_a_summary_json_vit_lens_did_not_write_is_refused(tmp_path, capsys):

@@ -670,6 +670,21 @@ def check_memory(lm: LoadedModel, batch: int, *, gradients: bool, per_image_byte
     raise UsageError(f"{why}; not even one image at a time fits (a smaller --image-size or --dtype bf16 needs less)")
 
 
+def without_earlier_outputs(files: list[Path], folder: OutputFolder) -> tuple[list[Path], int]:
+    """The inputs less the files an earlier vit-lens run wrote into this output folder (its
+    _rollout.png and mad.png, found through its summary.json): with --out the input folder, a
+    second run would otherwise analyse the first one's overlays. -> (files, how many were left out)."""
+    if not folder.earlier:
+        return files, 0
+    try:
+        here = folder.path.resolve()
+    except OSError:
+        return files, 0
+    earlier = set(folder.earlier)
+    kept = [f for f in files if not (f.name in earlier and f.parent.resolve() == here)]
+    return kept, len(files) - len(kept)
+
+
 def run_analyze(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
@@ -687,6 +702,9 @@ def _analyze(
     folder: OutputFolder,
 ) -> int:
     run_names = {"model": folder.reserve("model.npz"), "mad": folder.reserve("mad.png")}
+    files, own = without_earlier_outputs(files, folder)
+    if not files:
+        raise UsageError(f"no images found in the given inputs (only the {own} files an earlier vit-lens run wrote)")
     stems = free_stems([f.stem for f in files], IMAGE_OUTPUTS, folder.taken)
     try:
         lm = load_checkpoint(args.model, device=args.device, dtype=args.dtype, image_size=args.image_size)
@@ -714,6 +732,8 @@ def _analyze(
     for path, reason in unreadable:
         progress.note(f"skipped {path}: {reason}")
         skipped.append({"file": str(path), "reason": reason})
+    if own:
+        progress.note(f"note: left out {own} images in {folder.path} that an earlier vit-lens run wrote")
     renamed = sum(s != f.stem for s, f in zip(stems, files))
     if renamed:
         progress.note(
