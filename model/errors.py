@@ -37,7 +37,7 @@ class IncompatibleCheckpointError(CheckpointError):
         if self.wrong_shape:
             shapes = [f"{k} checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in self.wrong_shape]
             parts.append(f"wrong-shape keys ({len(shapes)}): {_short(shapes)}")
-        super().__init__("\n".join(parts))
+        super().__init__(" ".join(parts[:1]) + " " + "; ".join(parts[1:]))  # one line: a CLI error is one line
 
 
 def first_line(e: BaseException) -> str:

@@ -282,3 +282,30 @@ def test_overlays_on_a_large_original_are_drawn_at_most_16_mp():
     assert out.shape == small.shape
     tiny = original[:100, :100]
     assert render.reduced_original(tiny, prepared)[0] is tiny
+
+
+@pytest.mark.parametrize("change", ["drop", "extra", "reshape"])
+def test_a_checkpoint_that_does_not_fit_its_config_is_one_line_in_the_cli(tmp_path, change, capsys):
+    """Missing, unexpected and wrong-shape keys are listed on one line (the CLI's error is one line)."""
+    from safetensors.torch import save_file
+
+    from model import VisionTransformer, ViTConfig
+
+    cfg = ViTConfig(image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_dim=64, num_classes=3)
+    m = VisionTransformer(cfg)
+    m.init_weights(seed=0)
+    state = {k: v.contiguous() for k, v in m.state_dict().items()}
+    if change == "drop":
+        del state["blocks.1.norm1.weight"]
+    elif change == "extra":
+        state["blocks.1.surprise"] = torch.zeros(3)
+    else:
+        state["blocks.1.norm1.weight"] = torch.zeros(33)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"format": "vit-lens", "config": cfg.to_dict()}))
+    image = tmp_path / "x.png"
+    __import__("PIL.Image").Image.new("RGB", (40, 40)).save(image)
+    rc = cli_main(["analyze", "--model", str(tmp_path), "--out", str(tmp_path / "out"), str(image)])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "blocks.1." in err, err  # the key that does not fit is named
