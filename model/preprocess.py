@@ -64,6 +64,7 @@ def load_image(data: bytes | str | Path, *, name: str = "image") -> Image.Image:
     _check_decode_work(data, name)
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # Pillow's notes on damaged metadata: not for the user
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(_DeadlineReader(data, name, DECODE_SECONDS), formats=ALLOWED_FORMATS)
             w, h = img.size

@@ -309,3 +309,16 @@ def test_a_checkpoint_that_does_not_fit_its_config_is_one_line_in_the_cli(tmp_pa
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert "blocks.1." in err, err  # the key that does not fit is named
+
+
+def test_a_damaged_file_gives_the_message_and_no_library_warning():
+    """Pillow's UserWarning about corrupt EXIF went to stderr beside the one-line message."""
+    import warnings
+
+    from model.preprocess import ImageError, load_image
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(ImageError, match="text.tif is not an image we can read"):
+            load_image(b"II*\x00" + b"\xff" * 20, name="text.tif")
+    assert [str(w.message) for w in seen] == []
