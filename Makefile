@@ -17,7 +17,7 @@ $(VENV)/.run-installed: requirements.txt pyproject.toml | $(VENV)/bin/python
 	$(PIP) --no-deps -e .
 	touch $@
 
-$(VENV)/.dev-installed: requirements.txt requirements-dev.txt pyproject.toml | $(VENV)/bin/python
+$(VENV)/.dev-installed: requirements.txt requirements-dev.txt requirements-ray.txt pyproject.toml | $(VENV)/bin/python
 	$(PIP) -r requirements-dev.txt
 	$(PIP) --no-deps -e .
 	touch $@ $(VENV)/.run-installed

@@ -155,6 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--drop-prefix", action="store_true", default=None, help="per-head maps renormalized over patches")
     a.add_argument("--image-size", type=int, default=None, help="run at another resolution (resamples positions)")
     a.add_argument("--out", required=True, type=Path, help="output folder")
+    a.add_argument(
+        "--engine",
+        default="local",
+        choices=["local", "ray"],
+        help="local: this process (the default); ray: a Ray Data pipeline, on a local Ray started here or on "
+        "--address (needs requirements-ray.txt; inputs may be s3://, gs://, hdfs:// URIs)",
+    )
+    a.add_argument(
+        "--address", default=None, help="with --engine ray: an existing Ray cluster (e.g. HOST:6379 or auto)"
+    )
     a.add_argument("inputs", nargs="+", type=Path, help="images or folders of images")
     for name, (_, text) in DELEGATED.items():  # parsed by their own modules (see main)
         sub.add_parser(name, help=text, add_help=False)
@@ -686,6 +696,12 @@ def without_earlier_outputs(files: list[Path], folder: OutputFolder) -> tuple[li
 
 
 def run_analyze(args: argparse.Namespace) -> int:
+    if getattr(args, "engine", "local") == "ray":  # imports Ray only here (viz_app/ray_engine.py)
+        from viz_app import ray_engine
+
+        return ray_engine.run_analyze(args)
+    if getattr(args, "address", None) is not None:
+        raise UsageError("--address needs --engine ray")
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     settings = settings_from_args(args)
