@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ViTConfig
+from .device import kernel_precision, precision_name
 from .linear import ACTIVATIONS, Linear
 
 HEAD_FILLS = ("zero", "mean")  # what an ablated head leaves (VisionTransformer.forward)
@@ -80,7 +81,24 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, N, C), row-major patch order
 
 
+# How the attention probabilities are computed when they are written into a caller's block
+# (Attention.sequence; VisionTransformer.set_attention_sequence):
+#   "direct"  the scores go straight into the block (one baddbmm with the 1/sqrt(D) scale folded in)
+#             and the softmax runs in place there: no temporary of T^2 values, no scaling pass
+#   "padded"  q, k, v are laid out with the token count rounded up to a multiple of 8 (zero rows),
+#             the scores and probabilities in a (T, T8) buffer whose rows are 16-byte aligned for
+#             bf16/fp16 GEMM kernels (T = 197 or 577 is odd), then copied into the block: one more
+#             copy of the maps, in exchange for aligned matrices. A candidate for GPUs, where
+#             benchmarks/bench_gpu.py measures both; the same values within rounding.
+ATTENTION_SEQUENCES = ("direct", "padded")
+# Devices whose softmax is run in place (out= the input): torch's own native multi-head attention
+# does so on the CPU and CUDA (_softmax_out(scores, scores)); elsewhere (MPS) a copy is made.
+INPLACE_SOFTMAX_DEVICES = frozenset({"cpu", "cuda", "meta"})
+
+
 class Attention(nn.Module):
+    sequence: str = "direct"  # one of ATTENTION_SEQUENCES
+
     def __init__(self, *, dim: int, num_heads: int, qkv_bias: bool) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -100,28 +118,54 @@ class Attention(nn.Module):
         the head, 0 removes it (see VisionTransformer.forward); the probabilities are returned
         as computed. head_fill: what a removed head leaves, "zero" or "mean" (its output
         averaged over the tokens of the same image).
+
+        The scores are scale * (q k^T), the scale applied by the product itself (baddbmm's alpha),
+        on every path (with or without autograd or a block), so all paths give the same maps.
         """
         B, T, C = x.shape
-        H = self.num_heads
-        # one copy into (3, B*H, T, D): q, k, v are then contiguous batches for bmm
-        qkv = self.qkv(x).view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4).reshape(3, B * H, T, C // H)
-        q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
-        scores = torch.bmm(q, k.transpose(1, 2)).view(B, H, T, T)
+        H, D = self.num_heads, C // self.num_heads
+        y = self.qkv(x).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D), a view
         if attn_out is not None and torch.is_grad_enabled():
             attn_out = None  # out= has no autograd; the caller's block is only for no-grad runs
-        if attn_out is not None and attn_out.dtype == scores.dtype:
-            attn = torch.softmax(scores, dim=-1, out=attn_out)
+        into_block = attn_out is not None and attn_out.dtype == y.dtype
+        if into_block and self.sequence == "padded" and T % 8:
+            out = self._padded(y, attn_out)
+            attn = attn_out
         else:
-            attn = scores.softmax(dim=-1)  # the tensor the caller gets is the one the graph uses
-            if attn_out is not None:
-                attn_out.copy_(attn)
-        out = torch.bmm(attn.view(B * H, T, T), v).view(B, H, T, C // H)
+            # one copy into (3, B*H, T, D): q, k, v are then contiguous batches for bmm
+            qkv = y.reshape(3, B * H, T, D)
+            q, k, v = qkv[0], qkv[1], qkv[2]
+            if into_block and attn_out.device.type in INPLACE_SOFTMAX_DEVICES:
+                flat = attn_out.view(B * H, T, T)
+                torch.baddbmm(flat, q, k.transpose(1, 2), beta=0, alpha=self.scale, out=flat)
+                attn = torch.softmax(attn_out, dim=-1, out=attn_out)
+            else:  # beta=0: the first argument is not read (documented), only its shape broadcast
+                scores = torch.baddbmm(q.new_empty(1, 1, 1), q, k.transpose(1, 2), beta=0, alpha=self.scale)
+                attn = scores.view(B, H, T, T).softmax(dim=-1)  # the tensor the caller gets is the graph's
+                if attn_out is not None:
+                    attn_out.copy_(attn)
+            out = torch.bmm(attn.view(B * H, T, T), v)
+        out = out.view(B, H, T, D)
         if head_mask is not None:
             m = head_mask.to(out.dtype)[:, :, None, None]  # (B, H, 1, 1)
             fill = out.mean(dim=2, keepdim=True) if head_fill == "mean" else None
             out = out * m if fill is None else out * m + fill * (1 - m)
         out = out.transpose(1, 2).reshape(B, T, C)
         return self.proj(out), attn
+
+    def _padded(self, y: Tensor, attn_out: Tensor) -> Tensor:
+        """The "padded" sequence (ATTENTION_SEQUENCES): y (3, B, H, T, D) -> head outputs
+        (B*H, T, D), the probabilities written into attn_out (B, H, T, T)."""
+        _, B, H, T, D = y.shape
+        Tp = -(-T // 8) * 8
+        qkv = y.new_zeros(3, B * H, Tp, D)  # keys and values beyond T are zero rows
+        qkv.view(3, B, H, Tp, D)[:, :, :, :T].copy_(y)
+        q, k, v = qkv[0, :, :T], qkv[1], qkv[2]
+        probs = torch.baddbmm(q.new_empty(1, 1, 1), q, k.transpose(1, 2), beta=0, alpha=self.scale)  # (BH, T, Tp)
+        probs[:, :, T:] = float("-inf")  # the padded keys get no mass: exp(-inf) = 0 exactly
+        torch.softmax(probs, dim=-1, out=probs)
+        attn_out.view(B * H, T, T).copy_(probs[:, :, :T])
+        return torch.bmm(probs, v)  # padded rows of v are zero and their probabilities 0
 
 
 class Mlp(nn.Module):
@@ -169,6 +213,8 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
+    allow_tf32: bool = False  # see __init__
+
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
         self.config = config
@@ -191,6 +237,9 @@ class VisionTransformer(nn.Module):
         self.head = Linear(feat, c.num_classes) if c.num_classes else None
         self.head_dist = Linear(feat, c.num_classes) if c.distilled_head and c.num_classes else None
         self.proj = Linear(feat, c.projection_dim, bias=False) if c.projection_dim else None
+        # float32 products and convolutions may run in TF32 (the "tf32" precision, CUDA only);
+        # False keeps them IEEE float32 on every device (model/device.py: set_precision)
+        self.allow_tf32 = False
         self.init_weights()
 
     @torch.no_grad()
@@ -206,9 +255,21 @@ class VisionTransformer(nn.Module):
                 p.fill_(1.0 if name.endswith("weight") else 0.0)
             elif name.endswith("bias"):
                 p.zero_()
-            else:
-                t = torch.empty(p.shape).normal_(0.0, 0.02, generator=gen).clamp_(-0.04, 0.04)
+            else:  # drawn on the CPU (the generator's device): the same weights on every device
+                t = torch.empty(p.shape, device="cpu").normal_(0.0, 0.02, generator=gen).clamp_(-0.04, 0.04)
                 p.copy_(t)
+
+    @property
+    def precision(self) -> str:
+        """ "fp32", "tf32", "bf16" or "fp16": the weights' dtype, and for float32 whether TF32 is allowed."""
+        return precision_name(self.pos_embed.dtype, self.allow_tf32)
+
+    def kernel_precision(self):
+        """The context every forward (and backward) pass of this model launches its kernels in: for
+        a float32 model on CUDA, the TF32 flags set to its precision (model/device.py, TF32_GATE),
+        so that fp32 is IEEE float32 even where the process allows TF32. forward() enters it; a
+        caller that runs the blocks itself (or a backward pass) enters it around them."""
+        return kernel_precision(self.pos_embed.device, self.pos_embed.dtype, self.allow_tf32)
 
     def embed(self, pixels: Tensor, keep: Tensor | None = None) -> Tensor:
         """pixels (B, 3, H, W), normalized -> tokens (B, T, C) in [prefix, patches] order.
@@ -297,6 +358,30 @@ class VisionTransformer(nn.Module):
         analysing many batches can reuse one block (new_attention_block): a fresh block of
         hundreds of MB costs a page fault per 4 KB every time it is allocated.
         """
+        with self.kernel_precision():
+            return self._forward(
+                pixels,
+                output_attentions=output_attentions,
+                output_token_norms=output_token_norms,
+                output_tokens=output_tokens,
+                attention_out=attention_out,
+                keep=keep,
+                head_mask=head_mask,
+                head_fill=head_fill,
+            )
+
+    def _forward(
+        self,
+        pixels: Tensor,
+        *,
+        output_attentions: bool,
+        output_token_norms: bool,
+        output_tokens: bool,
+        attention_out: Tensor | None,
+        keep: Tensor | None,
+        head_mask: Tensor | None,
+        head_fill: str,
+    ) -> ViTOutput:
         keep, head_mask = self._probe_arguments(pixels, keep, head_mask, head_fill)
         x = self.embed(pixels, keep)
         attentions = []
@@ -304,7 +389,7 @@ class VisionTransformer(nn.Module):
         # Without autograd, every layer writes its maps into one (L, B, H, T, T) block, so that
         # callers get them stacked without another copy (a tensor made here, not module state).
         stack = None
-        plain = not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+        plain = not torch.is_grad_enabled() and not _autocast_enabled(x.device)
         if attention_out is not None and not (plain and output_attentions):
             raise ValueError("attention_out is for runs with output_attentions, without autograd or autocast")
         if output_attentions and plain:
@@ -395,9 +480,17 @@ class VisionTransformer(nn.Module):
         are dropped (forward's keep), P + K."""
         return torch.empty(
             self._attention_block_shape(batch, tokens),
-            device=device or self.pos_embed.device,
-            dtype=dtype or self.pos_embed.dtype,
+            device=self.pos_embed.device if device is None else device,
+            dtype=self.pos_embed.dtype if dtype is None else dtype,
         )
+
+    def set_attention_sequence(self, name: str) -> None:
+        """How every block computes the maps it writes into a block (ATTENTION_SEQUENCES); set once
+        after loading, before the model is shared (it is read by each forward)."""
+        if name not in ATTENTION_SEQUENCES:
+            raise ValueError(f"attention sequence must be one of {ATTENTION_SEQUENCES}, got {name!r}")
+        for block in self.blocks:
+            block.attn.sequence = name
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -418,6 +511,14 @@ class VisionTransformer(nn.Module):
         else:
             patch = 2 * c.num_patches * C * c.in_chans * c.patch_size**2
         return float(c.depth * per_block + patch)
+
+
+def _autocast_enabled(device: torch.device) -> bool:
+    """torch.is_autocast_enabled for the device's type; False for types without autocast (meta)."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # "unknown device type for autocast"
+        return False
 
 
 def attention_memory_bytes(config: ViTConfig, *, batch: int = 1, bytes_per_value: int = 4) -> int:
@@ -443,6 +544,7 @@ def sincos_2d_pos_embed(dim: int, grid: tuple[int, int], temperature: float = 10
 
 
 __all__ = [
+    "ATTENTION_SEQUENCES",
     "HEAD_FILLS",
     "Attention",
     "Block",

@@ -67,7 +67,8 @@ def run_forward(
     if model.head is None:
         raise ValueError("class-specific maps need a model with a classifier head")
     x = pixels.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
+    # the backward pass launches its kernels too: both run in the model's precision (TF32 or not)
+    with torch.enable_grad(), model.kernel_precision():
         out = model(x, output_attentions=True, output_token_norms=True, **probe)
         logits = out.logits
         if target is None:

@@ -346,7 +346,9 @@ def _fresh(name: str, t: Tensor, gen: torch.Generator, layer_scale: bool) -> Ten
         return torch.full_like(t, 1.0 if name.endswith("weight") else 0.0)
     if name.endswith("bias"):
         return torch.zeros_like(t)
-    return torch.empty(t.shape).normal_(0.0, 0.02, generator=gen).clamp_(-0.04, 0.04).to(t.device, t.dtype)
+    # drawn on the CPU (the generator's device), so that every device gets the same weights
+    w = torch.empty(t.shape, device="cpu").normal_(0.0, 0.02, generator=gen).clamp_(-0.04, 0.04)
+    return w.to(t.device, t.dtype)
 
 
 def randomized_model(model: VisionTransformer, parts: Sequence[str], *, seed: int = 0) -> VisionTransformer:
@@ -365,6 +367,7 @@ def randomized_model(model: VisionTransformer, parts: Sequence[str], *, seed: in
                 gens[part] = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{part}".encode()))
             state[name] = _fresh(name, state[name], gens[part], model.config.layer_scale)
     new.load_state_dict(state, assign=True)
+    new.allow_tf32 = model.allow_tf32  # the same precision as the original
     return new.eval().requires_grad_(False)
 
 
@@ -451,11 +454,12 @@ def randomization(
 # Causal probes: head ablation, token dropping
 
 
-def head_mask_for(config, heads: Sequence[tuple[int, int]]) -> Tensor | None:
-    """(L, H) mask with the listed (layer, head) pairs (counted from 1) removed; None for none."""
+def head_mask_for(config, heads: Sequence[tuple[int, int]], *, device: torch.device | str = "cpu") -> Tensor | None:
+    """(L, H) mask with the listed (layer, head) pairs (counted from 1) removed; None for none.
+    On `device` (the forward moves a mask to the model's device if it is elsewhere)."""
     if not heads:
         return None
-    m = torch.ones(config.depth, config.num_heads)
+    m = torch.ones(config.depth, config.num_heads, device=device)
     for layer, h in heads:
         if not (1 <= layer <= config.depth and 1 <= h <= config.num_heads):
             raise ValueError(f"head ({layer}, {h}) is outside {config.depth} layers x {config.num_heads} heads")
@@ -492,8 +496,9 @@ def head_effects(
         raise ValueError("head effects follow the target logit: the model has no classifier")
     c = model.config
     L, H = c.depth, c.num_heads
-    base = torch.ones(L, H) if base_mask is None else base_mask.float().cpu().clone()
-    tgt = torch.tensor([target])
+    dev = pixels.device
+    base = torch.ones(L, H, device=dev) if base_mask is None else base_mask.to(dev, torch.float32).clone()
+    tgt = torch.tensor([target], device=dev)
     ref = float(
         target_scores(model, pixels, tgt, head_mask=base if base_mask is not None else None, head_fill=head_fill)[0]
     )
@@ -506,10 +511,9 @@ def head_effects(
     by_layer: dict[int, list[int]] = {}
     for i, (la, _) in enumerate(pairs):
         by_layer.setdefault(la - 1, []).append(i)
-    dev = pixels.device
-    fill_mask = base.to(dev)[None]  # (1, L, H)
+    fill_mask = base[None]  # (1, L, H)
     done = 0
-    with torch.inference_mode():
+    with torch.inference_mode(), model.kernel_precision():  # the blocks run here, not through forward
         x = model.embed(pixels)  # (1, T, C): the stream entering block 0, with the base heads removed
         for layer in range(L):
             for start in range(0, len(by_layer.get(layer, [])), batch_size):

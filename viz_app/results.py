@@ -212,7 +212,7 @@ def gradient_map(lm: LoadedModel, prepared: PreparedImage, target: int) -> np.nd
     """Chefer et al. gradient rollout for one class, (gh, gw)."""
     c = lm.config
     x = prepared.pixels[None].to(lm.device, lm.dtype)
-    fwd = run_forward(lm.model, x, gradients=True, target=torch.tensor([target]))
+    fwd = run_forward(lm.model, x, gradients=True, target=torch.tensor([target], device=lm.device))
     m = A.gradient_rollout(
         fwd.attentions, fwd.grads, num_prefix=c.num_prefix_tokens, grid=c.grid, readout_tokens=c.readout_tokens
     )
