@@ -207,7 +207,7 @@ def list_uri(uri: str, filesystems: list) -> list[Source]:
         full = _uri_of(uri, i.path)
         mtime = i.mtime_ns if i.mtime_ns is not None else 0
         found.append(Source(full, full, index, i.path, int(i.size or 0), int(mtime), PurePosixPath(i.path).stem))
-    return sorted(found, key=lambda s: s.fs_path)
+    return sorted(found, key=lambda s: PurePosixPath(s.fs_path))  # the local engine's order (Path order)
 
 
 def gather_inputs(
@@ -303,7 +303,9 @@ class _Model:
 
     hooks (tests only, from VIT_LENS_RAY_TEST_HOOKS): count_dir, one file written per image
     analysed; exit_on_batch and exit_marker, the actor's process ends (os._exit) on its N-th
-    batch unless the marker file exists (it is created first, so a restarted actor goes on)."""
+    batch unless the marker file exists (it is created first, so a restarted actor goes on);
+    sleep, seconds before each batch (a run slow enough to be killed in the middle). The driver
+    reads shard_rows (rows per Parquet shard) from the same JSON."""
 
     def __init__(self, source, device, dtype, image_size, settings, batch_size, threads, hooks):
         if threads:
@@ -349,6 +351,8 @@ class _Model:
         }
 
     def _hook(self) -> None:
+        if self.hooks.get("sleep"):
+            time.sleep(float(self.hooks["sleep"]))
         n, marker = self.hooks.get("exit_on_batch"), self.hooks.get("exit_marker")
         if n and marker and self.calls == n and not os.path.exists(marker):
             Path(marker).touch()
@@ -495,6 +499,7 @@ def read_shards(folder: Path) -> list[tuple[str, dict]]:
         return []
     cols = ["path", "stem", "npz", "rollout_png", "size", "mtime_ns"]
     cols += ["npz_size", "npz_mtime_ns", "rollout_png_size", "rollout_png_mtime_ns", "run_id", "fingerprint"]
+    cols += ["top5_classes", "top5_labels", "top5_probabilities", "finite"]  # summary.json's entry
     for name in names:
         try:
             pf = pq.ParquetFile(folder / name)
@@ -890,7 +895,7 @@ def _is_ray_error(ray, e: BaseException) -> bool:
 
 
 def _row_finite(row: dict) -> bool:
-    return bool(row.get("finite", True))
+    return bool(row["finite"])
 
 
 def _row(s: Source, stem: str, record: dict, folder: cli.OutputFolder, run_id: str, fp: str) -> dict:
