@@ -75,3 +75,77 @@ def machine() -> str:
         f"{name or platform.processor() or platform.machine()} ({isa}), {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
+
+
+# --- device timing (benchmarks/bench_gpu.py) -------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for every kernel queued on the device (CUDA and MPS launch asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def median_ms(fn, device: torch.device, repeats: int = 10, warmup: int = 3) -> float:
+    """Median time of fn() in ms over `repeats` runs after `warmup` runs. On CUDA each run is
+    timed by events around it and waited for (the GPU's time, launches included); elsewhere by
+    the wall clock after a synchronize."""
+    import statistics
+
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            synchronize(device)
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def peak_bytes(fn, device: torch.device) -> int | None:
+    """The most memory torch had allocated on a CUDA device while fn() ran (resident weights
+    included); None on other devices."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device))
+
+
+def versions() -> dict[str, str]:
+    """torch (with its CUDA and cuDNN), transformers and timm versions; "not installed" where absent."""
+    import importlib
+
+    out = {"torch": torch.__version__, "cuda": str(torch.version.cuda), "cudnn": str(torch.backends.cudnn.version())}
+    for name in ("transformers", "timm"):
+        try:
+            out[name] = importlib.import_module(name).__version__
+        except ImportError:
+            out[name] = "not installed"
+    return out
+
+
+def device_name(device: torch.device) -> str:
+    """The accelerator in words: name, compute capability and memory for CUDA."""
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        return (
+            f"{p.name} (compute {p.major}.{p.minor}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs)"
+        )
+    if device.type == "mps":
+        return "Apple MPS"
+    return "CPU (no accelerator)"
