@@ -139,8 +139,8 @@ class Attention(nn.Module):
                 flat = attn_out.view(B * H, T, T)
                 torch.baddbmm(flat, q, k.transpose(1, 2), beta=0, alpha=self.scale, out=flat)
                 attn = torch.softmax(attn_out, dim=-1, out=attn_out)
-            else:  # beta=0: the first argument is not read (documented), only its shape broadcast
-                scores = torch.baddbmm(q.new_empty(1, 1, 1), q, k.transpose(1, 2), beta=0, alpha=self.scale)
+            else:  # beta=0 ignores the first argument; zeros in case a backend multiplies it anyway
+                scores = torch.baddbmm(q.new_zeros(1, 1, 1), q, k.transpose(1, 2), beta=0, alpha=self.scale)
                 attn = scores.view(B, H, T, T).softmax(dim=-1)  # the tensor the caller gets is the graph's
                 if attn_out is not None:
                     attn_out.copy_(attn)
@@ -161,7 +161,7 @@ class Attention(nn.Module):
         qkv = y.new_zeros(3, B * H, Tp, D)  # keys and values beyond T are zero rows
         qkv.view(3, B, H, Tp, D)[:, :, :, :T].copy_(y)
         q, k, v = qkv[0, :, :T], qkv[1], qkv[2]
-        probs = torch.baddbmm(q.new_empty(1, 1, 1), q, k.transpose(1, 2), beta=0, alpha=self.scale)  # (BH, T, Tp)
+        probs = torch.baddbmm(q.new_zeros(1, 1, 1), q, k.transpose(1, 2), beta=0, alpha=self.scale)  # (BH, T, Tp)
         probs[:, :, T:] = float("-inf")  # the padded keys get no mass: exp(-inf) = 0 exactly
         torch.softmax(probs, dim=-1, out=probs)
         attn_out.view(B * H, T, T).copy_(probs[:, :, :T])
