@@ -356,7 +356,7 @@ def cli(run: Run) -> None:
         free_memory()
         proc = subprocess.run(
             [sys.executable, "-c", IMPORT_CHECK, "analyze", "--model", str(ckpt), "--device", dev.type]
-            + ["--batch-size", "2", "--out", str(d / "out_imports"), str(small)],
+            + ["--batch-size", "2", "--out", str(d / "out_imports"), str(write_images(d / "tiny", 2))],
             cwd=ROOT,
             capture_output=True,
             text=True,

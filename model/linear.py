@@ -126,7 +126,7 @@ class Linear(nn.Linear):
             return False
         try:
             candidate = PackedWeight(backend.reorder(w), w.detach(), backend.version(w), backend)
-            x = torch.randn(3, self.in_features, generator=torch.Generator().manual_seed(0)).to(w.dtype)
+            x = torch.randn(3, self.in_features, generator=torch.Generator().manual_seed(0), device="cpu").to(w.dtype)
             got = self._packed_forward(candidate, x, None).float()
         except RuntimeError as e:  # an op this build or CPU lacks
             log.info("linear weight not packed: %s", e)
