@@ -262,6 +262,8 @@ def test_a_model_reports_its_precision_and_keeps_it_through_randomization(monkey
     assert t.precision == "tf32" and t.allow_tf32 and next(t.parameters()).dtype == torch.float32
     assert probes.randomized_model(t, ["head"]).precision == "tf32"
     assert probes.randomized_model(m, ["head"]).precision == "fp32"
+    m.set_attention_sequence("padded")
+    assert {b.attn.sequence for b in probes.randomized_model(m, ["block 0"]).blocks} == {"padded"}
 
 
 @pytest.mark.xfail(

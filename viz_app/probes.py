@@ -367,7 +367,9 @@ def randomized_model(model: VisionTransformer, parts: Sequence[str], *, seed: in
                 gens[part] = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{part}".encode()))
             state[name] = _fresh(name, state[name], gens[part], model.config.layer_scale)
     new.load_state_dict(state, assign=True)
-    new.allow_tf32 = model.allow_tf32  # the same precision as the original
+    new.allow_tf32 = model.allow_tf32  # the same precision and attention sequence as the original
+    for mine, theirs in zip(new.blocks, model.blocks):
+        mine.attn.sequence = theirs.attn.sequence
     return new.eval().requires_grad_(False)
 
 
