@@ -270,8 +270,8 @@ def prepare_image(img: Image.Image, pre: Preprocessing) -> PreparedImage:
 
 def _finish(view: np.ndarray, pre: Preprocessing, orig, resized, box) -> PreparedImage:
     x = torch.from_numpy(view.astype(np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
-    mean = torch.tensor(pre.mean).view(3, 1, 1)
-    std = torch.tensor(pre.std).view(3, 1, 1)
+    mean = torch.tensor(pre.mean, device="cpu").view(3, 1, 1)  # pixels are prepared on the host
+    std = torch.tensor(pre.std, device="cpu").view(3, 1, 1)
     return PreparedImage(
         pixels=(x - mean) / std,
         view=np.ascontiguousarray(view),

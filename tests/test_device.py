@@ -101,12 +101,9 @@ def test_the_meta_check_fails_on_a_block_allocated_on_the_default_device(monkeyp
 # --- every factory call names its device ---------------------------------------------------------
 
 CONSTRUCTORS = torch_device._device_constructors()  # torch.empty, zeros, ones, full, eye, arange, tensor, ...
-# Factory calls that are known to make a host tensor on purpose without saying so (each one moved
-# to the model's device right after). The lead owns these files; name the device there and drop
-# the entry.
-KNOWN_HOST_TABLES = {
-    ("viz_app/analysis/distance.py", "patch_distances"),  # (N, N) distances on the host, then .to(device)
-}
+# Factory calls that are known to make a host tensor on purpose without saying so (none now: a
+# host tensor made on purpose says device="cpu").
+KNOWN_HOST_TABLES: set[tuple[str, str]] = set()
 
 
 class FactoryAudit(TorchFunctionMode):
@@ -118,9 +115,11 @@ class FactoryAudit(TorchFunctionMode):
         super().__init__()
         self.roots = [ROOT / f for f in folders]
         self.missing: list[tuple[str, str, int, str]] = []
+        self.calls = 0  # factory calls seen, with a device or without
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        self.calls += func in CONSTRUCTORS
         if func in CONSTRUCTORS and kwargs.get("device") is None:
             for frame in reversed(traceback.extract_stack()[:-1]):
                 path = Path(frame.filename).resolve()
@@ -166,7 +165,7 @@ def test_every_tensor_the_analyses_allocate_names_its_device():
         probes.randomization(m, x, lambda f: probes.attribution_maps(lm, f, options))
         probes.head_effects(m, x[:1], 1)
         probes.head_effects(m, x[:1], 1, base_mask=probes.head_mask_for(c, [(1, 1)]))
-    assert audit.missing, "the audit saw no factory call at all: it is not looking"
+    assert audit.calls > 10, "the audit saw no factory call at all: it is not looking"
     assert audit.unexpected() == []
 
 
@@ -266,13 +265,10 @@ def test_a_model_reports_its_precision_and_keeps_it_through_randomization(monkey
     assert {b.attn.sequence for b in probes.randomized_model(m, ["block 0"]).blocks} == {"padded"}
 
 
-@pytest.mark.xfail(
-    strict=True, reason="model/weights/load.py does not call model.device.to_precision yet (the lead's change)"
-)
 def test_a_checkpoint_loaded_as_tf32_reports_it(monkeypatch):
     monkeypatch.setattr(D, "TF32_DEVICE_TYPES", frozenset({"cuda", "cpu"}))
     lm = load_checkpoint("demo", device="cpu", dtype="tf32")
-    assert lm.model.precision == "tf32" and lm.dtype == torch.float32
+    assert lm.model.precision == lm.precision == "tf32" and lm.dtype == torch.float32
     assert load_checkpoint("demo", device="cpu", dtype="fp32").model.precision == "fp32"
 
 

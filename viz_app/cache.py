@@ -129,14 +129,14 @@ RANDOM_SOURCE = "random"
 
 def random_model(device: str, dtype: str) -> LoadedModel:
     """An untrained ViT-S/16 (seeded): the offline fallback while no demo weights are installed."""
-    from model import Preprocessing, ViTConfig, resolve_device, resolve_dtype
+    from model import Preprocessing, ViTConfig
+    from model.device import to_precision
     from model.vit import VisionTransformer
 
     config = ViTConfig(embed_dim=384, num_heads=6, mlp_dim=1536, num_classes=0)
     model = VisionTransformer(config)
     model.init_weights(seed=0)
-    dev = resolve_device(device)
-    model = model.to(dev, resolve_dtype(dtype, dev)).eval().requires_grad_(False)
+    model = to_precision(model, device, dtype).eval().requires_grad_(False)
     return LoadedModel(
         model, config, Preprocessing(), None, "ViT", RANDOM_SOURCE, "random", "untrained ViT-S/16 (random weights)"
     )

@@ -19,7 +19,7 @@ from ..config import (
     check_image_size,
     shown,
 )
-from ..device import resolve_device, resolve_dtype
+from ..device import resolve_device, to_precision
 from ..errors import CheckpointError, IncompatibleCheckpointError, first_line
 from ..linear import pack_linears
 from ..pos_embed import resample_pos_embed
@@ -57,6 +57,11 @@ class LoadedModel:
     @property
     def dtype(self) -> torch.dtype:
         return self.model.pos_embed.dtype
+
+    @property
+    def precision(self) -> str:
+        """ "fp32", "tf32", "bf16" or "fp16": the dtype, and whether TF32 products are allowed."""
+        return self.model.precision
 
 
 # The memory a model may take beyond what its checkpoint's tensors hold, in float32. Every parameter
@@ -313,7 +318,7 @@ def _build(
     pre = replace(pre, input_size=config.image_size)
     labels = _labels_for(config, hints.labels)
     dev = resolve_device(device)
-    model = model.to(device=dev, dtype=resolve_dtype(dtype, dev)).eval().requires_grad_(False)
+    model = to_precision(model, dev, dtype).eval().requires_grad_(False)
     if dev.type == "cpu":
         pack_linears(model)  # oneDNN-packed weights for inference; skipped when they would not fit
     return LoadedModel(

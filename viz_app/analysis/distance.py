@@ -15,9 +15,10 @@ CONVENTIONS = ("as_is", "renormalized")
 
 
 def patch_distances(grid: tuple[int, int], patch_size: int, *, device=None) -> Tensor:
-    """(N, N) Euclidean distance between patch centres in pixels of the model input."""
+    """(N, N) Euclidean distance between patch centres in pixels of the model input (built on the
+    host in float64, then moved to `device`)."""
     gh, gw = grid
-    yy, xx = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    yy, xx = torch.meshgrid(torch.arange(gh, device="cpu"), torch.arange(gw, device="cpu"), indexing="ij")
     centres = torch.stack([yy.flatten(), xx.flatten()], dim=-1).double() * patch_size  # (N, 2)
     return torch.cdist(centres, centres).float().to(device)
 
