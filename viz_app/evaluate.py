@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from model import ViTLensError, load_checkpoint
+from model.device import PRECISIONS
 from viz_app import cli, probes, render, report
 from viz_app.analysis.faithfulness import DIRECTIONS, centre_prior, mean_ci
 from viz_app.demo.evaluate import TEST_SEED, energy, patch_masks, pointing, pointing_strict
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", default=None, metavar="LAYER,HEAD", help="also this head's read-out map (from 1)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--dtype", default="fp32", choices=list(PRECISIONS), help="tf32: CUDA only (docs/PRECISION.md)")
     p.add_argument("--image-size", type=int, default=None, help="run at another resolution (resamples positions)")
     p.add_argument(
         "--settings",

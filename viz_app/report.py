@@ -296,6 +296,7 @@ def model_meta(lm: LoadedModel, source: str) -> dict:
         "preprocessing": lm.preprocessing.to_dict(),
         "device": str(lm.device),
         "dtype": str(lm.dtype).removeprefix("torch."),
+        "precision": lm.precision,  # fp32, tf32, bf16 or fp16 (docs/PRECISION.md)
     }
 
 

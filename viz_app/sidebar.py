@@ -8,6 +8,7 @@ from pathlib import Path
 import streamlit as st
 
 from model import PRETRAINED
+from model.device import precisions_for
 from model.resources import DEMO_DIR, EXAMPLES_DIR, SCENES_DIR
 from model.weights import parse_hub_id
 from model.weights.hub import offline
@@ -170,8 +171,15 @@ def model_picker(prefix: str, *, optional: bool = False) -> str | None:
 
 def device_and_precision(devices: list[str]) -> tuple[str, str]:
     device = state.select("Device", devices, devices[0], key="device")
-    dtypes = ["fp32", "bf16"] + (["fp16"] if device != "cpu" else [])
-    dtype = state.select("Precision", dtypes, "fp32", key="dtype", help="bf16 is fast on CPUs with AMX and on GPUs")
+    dtypes = precisions_for(device)
+    dtype = state.select(
+        "Precision",
+        dtypes,
+        "fp32",
+        key="dtype",
+        help="fp32 is IEEE float32 on every device; tf32 (CUDA) allows TF32 products; bf16 is fast on CPUs "
+        "with AMX and on GPUs (docs/PRECISION.md)",
+    )
     return device, dtype
 
 
