@@ -33,7 +33,7 @@ def ray_session():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield ray
     if started:
         ray.shutdown()
@@ -284,6 +284,58 @@ def test_a_killed_driver_leaves_complete_files_and_the_rerun_finishes(tmp_path, 
     assert s["engine"]["images_resumed"] == len(recorded) and s["engine"]["images_analysed"] == len(analysed)
     assert_same_outputs(local_ref, out, s["images"], exact=False)
     assert no_temporaries(out)
+
+
+@pytest.mark.slow
+def test_a_batch_that_fails_for_good_is_one_line_and_the_rerun_completes(
+    tmp_path, images, local_ref, ray_session, monkeypatch, capsys
+):
+    hooks(monkeypatch, fail_on_batch=2)  # raises in the model actor: no retry mends it
+    out = tmp_path / "out"
+    assert analyze(out, [images], "--engine", "ray") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    last = err[-1]
+    assert last.startswith("vit-lens: error: the Ray pipeline stopped: RuntimeError: a test hook failed this batch")
+    assert "summary.json lists what was written" in last and not any("Traceback" in line for line in err)
+    s = summary(out)
+    assert s["complete"] is False and s["exit_status"] == 2 and "RuntimeError" in s["stopped"]
+    assert no_temporaries(out)
+    monkeypatch.delenv(ray_engine.TEST_HOOKS)
+    assert analyze(out, [images], "--engine", "ray") == 1
+    s = summary(out)
+    assert s["complete"] is True and s["images"] == summary(local_ref)["images"]
+    assert_same_outputs(local_ref, out, s["images"], exact=False)
+
+
+@pytest.mark.slow
+def test_address_connects_to_a_running_cluster(tmp_path, images, local_ref, ray_session):
+    """A second process joins the module's Ray through --address (as on a cluster's head node)."""
+    out = tmp_path / "out"
+    address = ray_session.get_runtime_context().gcs_address
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
+    argv = ["analyze", "--engine", "ray", "--address", address, "--model", "demo", "--device", "cpu"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "viz_app", *argv, "--batch-size", BATCH, "--out", str(out), str(images)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr
+    s = summary(out)
+    assert s["engine"]["address"] == address and s["images"] == summary(local_ref)["images"]
+    assert_same_outputs(local_ref, out, s["images"])
+
+
+def test_an_address_that_does_not_answer_is_one_line(tmp_path, images, capsys):
+    pytest.importorskip("ray")
+    out = tmp_path / "out"
+    assert analyze(out, [images], "--engine", "ray", "--address", "127.0.0.1:1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    # "cannot reach the Ray cluster at ..." (or, where this process already runs a Ray: "already connected")
+    assert len(err) == 1 and err[0].startswith("vit-lens: error:") and "127.0.0.1:1" in err[0]
+    assert not out.exists()
 
 
 @pytest.mark.slow

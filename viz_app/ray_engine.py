@@ -38,6 +38,7 @@ current row of an image is the one its summary.json names (`parquet.shards`, `ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -48,6 +49,8 @@ import os
 import pickle
 import re
 import secrets
+import socket
+import sys
 import time
 import warnings
 from collections import Counter
@@ -304,13 +307,15 @@ class _Model:
     hooks (tests only, from VIT_LENS_RAY_TEST_HOOKS): count_dir, one file written per image
     analysed; exit_on_batch and exit_marker, the actor's process ends (os._exit) on its N-th
     batch unless the marker file exists (it is created first, so a restarted actor goes on);
-    sleep, seconds before each batch (a run slow enough to be killed in the middle). The driver
+    sleep, seconds before each batch (a run slow enough to be killed in the middle);
+    fail_on_batch, the N-th batch raises (an error that no retry mends). The driver
     reads shard_rows (rows per Parquet shard) from the same JSON."""
 
     def __init__(self, source, device, dtype, image_size, settings, batch_size, threads, hooks):
         if threads:
             torch.set_num_threads(threads)
         self.lm = load_checkpoint(source, device=device, dtype=dtype, image_size=image_size)
+        self.meta = json.dumps(report.model_meta(self.lm, source))  # what each report says produced it
         self.settings = report.Settings.from_dict(settings)
         self.gradients = self.settings.grad_rollout
         self.batch_size = batch_size
@@ -347,12 +352,14 @@ class _Model:
             "error": errors,
             "item": blobs,
             "arrays": arrays_out,
-            "device": [str(lm.device)] * len(errors),
+            "meta": [self.meta] * len(errors),
         }
 
     def _hook(self) -> None:
         if self.hooks.get("sleep"):
             time.sleep(float(self.hooks["sleep"]))
+        if self.hooks.get("fail_on_batch") == self.calls:
+            raise RuntimeError("a test hook failed this batch")
         n, marker = self.hooks.get("exit_on_batch"), self.hooks.get("exit_marker")
         if n and marker and self.calls == n and not os.path.exists(marker):
             Path(marker).touch()
@@ -373,12 +380,12 @@ def _flat(a: np.ndarray | None) -> list | None:
     return None if a is None else np.asarray(a, np.float32).reshape(-1).tolist()
 
 
-def _encode(batch: dict, *, settings: dict, model_meta: dict, patch_size: int, labels: list | None) -> dict:
+def _encode(batch: dict, *, settings: dict, patch_size: int, labels: list | None) -> dict:
     """Ray task: each image's .npz and _rollout.png bytes (cli.write_outputs, so the local
     engine's bytes) and its Parquet row -> rows of (i, error, pickled result)."""
     settings_ = report.Settings.from_dict(settings)
     outs = []
-    for error, blob, arrays, device in zip(batch["error"], batch["item"], batch["arrays"], batch["device"]):
+    for error, blob, arrays, meta in zip(batch["error"], batch["item"], batch["arrays"], batch["meta"]):
         if error:
             outs.append(b"")
             continue
@@ -387,7 +394,8 @@ def _encode(batch: dict, *, settings: dict, model_meta: dict, patch_size: int, l
         finite = all(bool(np.isfinite(v).all()) for v in one.values() if v.dtype.kind == "f")
         one["model_view"] = it.prepared.view
         image = {"name": it.path.name, "original_size": list(it.prepared.original_size)}
-        rep = report.Report(one, settings_, model_meta | {"device": device}, image)
+        model_meta = json.loads(meta)  # the actor's: its device, dtype, precision
+        rep = report.Report(one, settings_, model_meta, image)
         files = _Capture()
         cli.write_outputs(files, [it], [rep], patch_size)
         top = one.get("top5_classes")
@@ -413,7 +421,7 @@ def _encode(batch: dict, *, settings: dict, model_meta: dict, patch_size: int, l
             "npz": files.files[f"{it.stem}.npz"],
             "png": files.files[f"{it.stem}_rollout.png"],
             "record": record,
-            "device": device,
+            "device": model_meta["device"],
         }
         outs.append(pickle.dumps(out, protocol=5))
     return {"i": batch["i"], "error": list(batch["error"]), "out": outs}
@@ -558,25 +566,65 @@ def plan_resume(
     return resumed, stale, used
 
 
+@contextlib.contextmanager
+def _stderr_to_devnull():
+    """File descriptor 2 to /dev/null for the duration (what C++ code writes there), then back."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _probe(address: str, timeout: float = 10.0) -> None:
+    """A HOST:PORT (or ray://HOST:PORT) that does not answer is refused at once: ray.init would
+    retry for minutes. `auto` and other forms go to Ray as they are."""
+    m = re.match(r"^(?:ray://)?\[?([^\]/]+?)\]?:(\d+)$", address)
+    if not m:
+        return
+    try:
+        socket.create_connection((m.group(1), int(m.group(2))), timeout=timeout).close()
+    except OSError as e:
+        raise UsageError(f"cannot reach the Ray cluster at {address}: {e.strerror or first_line(e)}") from None
+
+
 def start_ray(ray, address: str | None) -> bool:
     """Connect to the cluster at address, or start a local Ray in this process (no dashboard, no
     usage reporting). -> whether this call started it (and so shuts it down). A Ray already
     started in this process (a notebook, a test) is used as it is."""
     if ray.is_initialized():
+        current = ray.get_runtime_context().gcs_address
+        if address and address != "auto" and address.removeprefix("ray://") != current:
+            raise UsageError(f"this process is already connected to the Ray cluster at {current}, not {address}")
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # the driver's own Ray core logs only fatal errors on stderr (the CLI writes one line per
     # problem; the Python errors that end a run say what failed): RAY_BACKEND_LOG_LEVEL=info shows them
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     kw = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    if address:
+        _probe(address)
     try:
-        if address:
-            ray.init(address=address, **kw)
-        else:
-            ray.init(**kw)
+        with _stderr_to_devnull():  # Ray's C++ core announces its log level on the terminal
+            if address:
+                ray.init(address=address, **kw)
+            else:  # "local": a new Ray of our own, even where `ray start` runs one on this machine
+                ray.init(address="local", **kw)
     except (ConnectionError, RuntimeError, ValueError, OSError, TimeoutError) as e:
-        where = f"the Ray cluster at {address}" if address else "a local Ray"
-        raise UsageError(f"cannot start {where}: {first_line(e)}") from None
+        if not address:
+            raise UsageError(f"cannot start a local Ray: {first_line(e)}") from None
+        hint = ""
+        if os.environ.get("RAY_AUTH_MODE") != "token":
+            hint = (
+                " (a cluster with token authentication, Ray's default, needs RAY_AUTH_MODE=token and its token in "
+                "RAY_AUTH_TOKEN or ~/.ray/auth_token; on one of its nodes, --address auto finds both)"
+            )
+        raise UsageError(f"cannot connect to the Ray cluster at {address}: {first_line(e)}{hint}") from None
     return True
 
 
@@ -586,6 +634,9 @@ def _quiet_data(ray) -> None:
     ctx.enable_auto_log_stats = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
+    # a failed task: the CLI's own line says what failed (ray_cause); Ray's log file has the rest
+    logging.getLogger("ray.data._internal.execution.streaming_executor_state").setLevel(logging.CRITICAL)
+    logging.getLogger("ray.data.exceptions").setLevel(logging.CRITICAL)
 
 
 def run_analyze(args: argparse.Namespace) -> int:
@@ -640,20 +691,19 @@ def _analyze(ray, args, settings, remote, files, unreadable, filesystems, folder
 
 
 def _plan_actors(ray, device: str) -> dict:
+    """Where the model runs: one actor per GPU of the cluster (--device cuda, or auto where it has
+    GPUs), else one CPU actor per CPUS_PER_CPU_ACTOR CPUs, each with that many torch threads."""
     res = ray.cluster_resources()
     gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
     if device == "cuda" and not gpus:
         raise UsageError("--device cuda: the Ray cluster has no GPU (ray status lists its resources)")
-    task_cpus = 1 if cpus >= 2 else 0.5
+    tasks = 1 if cpus >= 2 else 0.5  # CPUs of each decode and encode task, and of each model actor
+    plan = dict(num_cpus=tasks, tasks=tasks, cpus=cpus)
     if device == "cuda" or (device == "auto" and gpus):
-        return dict(
-            device="cuda", kind="cuda", actors=gpus, num_gpus=1, num_cpus=task_cpus, threads=None, tasks=task_cpus
-        )
+        return plan | dict(device="cuda", kind="cuda", actors=gpus, num_gpus=1, threads=None)
     actors = max(1, cpus // CPUS_PER_CPU_ACTOR)
     threads = max(1, min(CPUS_PER_CPU_ACTOR, cpus // actors))
-    return dict(
-        device=device, kind=device, actors=actors, num_gpus=0, num_cpus=task_cpus, threads=threads, tasks=task_cpus
-    )
+    return plan | dict(device=device, kind=device, actors=actors, num_gpus=0, threads=threads)
 
 
 def _run(ray, args, settings, lm, sources, unreadable, own, filesystems, folder, run_names, started, ray_start_s):
@@ -667,7 +717,6 @@ def _run(ray, args, settings, lm, sources, unreadable, own, filesystems, folder,
     for i, stem in zip(pending, cli.free_stems([sources[i].stem for i in pending], cli.IMAGE_OUTPUTS, folder.taken)):
         stems[i] = stem
     labels = list(lm.labels) if lm.labels else None
-    model_meta = report.model_meta(lm, str(args.model))
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
 
     progress = cli.Progress(max(1, len(pending)))
@@ -699,7 +748,7 @@ def _run(ray, args, settings, lm, sources, unreadable, own, filesystems, folder,
     shard_names: list[str] = []
     devices: set[str] = set()
     non_finite: list[str] = [stems[i] for i, row in resumed.items() if not _row_finite(row)]
-    state = {"failure": None, "interrupted": False, "first_result_s": None}
+    state = {"failure": None, "interrupted": False, "first_result_s": None, "first_batch_images": 0, "pipeline_s": None}
     hooks = json.loads(os.environ.get(TEST_HOOKS, "{}") or "{}")
     shard_rows = int(hooks.get("shard_rows", SHARD_ROWS))
     planned = [n for i in pending for n in (f"{stems[i]}.npz", f"{stems[i]}_rollout.png")]
@@ -766,7 +815,11 @@ def _run(ray, args, settings, lm, sources, unreadable, own, filesystems, folder,
                 "images_analysed": len(entries) - len(resumed),
                 "images_resumed": len(resumed),
                 "ray_start_s": round(ray_start_s, 3),
+                # seconds from the pipeline's start to its first batch of results (workers and
+                # actors started, the model loaded in each) and to its last
                 "first_result_s": state["first_result_s"],
+                "first_batch_images": state["first_batch_images"],
+                "pipeline_s": state["pipeline_s"],
             },
             "parquet": {
                 "folder": PARQUET_DIR,
@@ -785,12 +838,13 @@ def _run(ray, args, settings, lm, sources, unreadable, own, filesystems, folder,
         folder.write(cli.SUMMARY, report.json_bytes(summary(final=False)))
         shards = cli.OutputFolder(shards_dir).__enter__()
         if pending:
-            stream = _pipeline(ray, args, settings, lm, sources, pending, stems, filesystems, plan, model_meta, labels)
+            stream = _pipeline(ray, args, settings, lm, sources, pending, stems, filesystems, plan, labels)
             last_flush = time.monotonic()
             t0 = time.monotonic()
             for batch in stream.iter_batches(batch_size=None, batch_format="numpy"):
                 if state["first_result_s"] is None:
                     state["first_result_s"] = round(time.monotonic() - t0, 3)
+                    state["first_batch_images"] = len(batch["i"])
                 for i, error, out in zip(batch["i"], batch["error"], batch["out"]):
                     i = int(i)
                     s = sources[i]
@@ -814,6 +868,7 @@ def _run(ray, args, settings, lm, sources, unreadable, own, filesystems, folder,
                     shard_names.append(_write_shard(shards, records, run_id, len(shard_names), lm))
                     records.clear()
                     last_flush = time.monotonic()
+            state["pipeline_s"] = round(time.monotonic() - t0, 3)
         if records:
             shard_names.append(_write_shard(shards, records, run_id, len(shard_names), lm))
             records.clear()
@@ -824,7 +879,7 @@ def _run(ray, args, settings, lm, sources, unreadable, own, filesystems, folder,
     except Exception as e:  # noqa: BLE001 - Ray's errors (a task or actor that failed for good) have no common base
         if not _is_ray_error(ray, e):
             raise
-        state["failure"] = f"the Ray pipeline stopped: {first_line(e)} (a rerun resumes)"
+        state["failure"] = f"the Ray pipeline stopped: {ray_cause(e)} (a rerun resumes)"
     finally:
         progress.end_line()
     if records and shards is not None and not state["interrupted"]:  # what was written is recorded
@@ -879,6 +934,20 @@ def _run(ray, args, settings, lm, sources, unreadable, own, filesystems, folder,
         )
         raise OutputError(f"{failure or summary_error}; stopped after {len(entries)} of {len(sources)} images; {tail}")
     return status
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RAISED = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning)): (.*)$")
+
+
+def ray_cause(e: BaseException) -> str:
+    """The user-code error inside a Ray error, in one line: Ray carries it only as traceback text
+    (`RuntimeError: ...` before Ray's own `ray.exceptions...` lines)."""
+    text = _ANSI.sub("", str(e))
+    raised = [m for m in map(_RAISED.match, text.splitlines()) if m and not m.group(1).startswith("ray.")]
+    if raised:
+        return f"{raised[-1].group(1)}: {raised[-1].group(2)}"[:300]
+    return first_line(Exception(text)) if text.strip() else type(e).__name__
 
 
 def _is_ray_error(ray, e: BaseException) -> bool:
@@ -971,7 +1040,7 @@ def _actor_restarts() -> dict:
     return {"max_restarts": ACTOR_RESTARTS, "max_task_retries": ACTOR_RESTARTS}
 
 
-def _pipeline(ray, args, settings, lm, sources, pending, stems, filesystems, plan, model_meta, labels):
+def _pipeline(ray, args, settings, lm, sources, pending, stems, filesystems, plan, labels):
     """The Ray Data stream: decode (tasks) -> model (actor pool) -> encode (tasks)."""
     from ray.data import ActorPoolStrategy
 
@@ -987,7 +1056,10 @@ def _pipeline(ray, args, settings, lm, sources, pending, stems, filesystems, pla
         for i in pending
     ]
     warnings.filterwarnings("ignore", message=_REMOTE_ARGS_FN_WARNING)
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), math.ceil(len(rows) / bs))))
+    # blocks of one batch where that still gives every CPU a few; else up to 16 batches a block (a
+    # million tiny blocks would cost more in scheduling than in work)
+    blocks = min(math.ceil(len(rows) / bs), max(4 * plan["cpus"], math.ceil(len(rows) / (16 * bs))))
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, blocks))
     hooks = json.loads(os.environ.get(TEST_HOOKS, "{}") or "{}")
     ds = ds.map_batches(
         _decode,
@@ -1022,7 +1094,6 @@ def _pipeline(ray, args, settings, lm, sources, pending, stems, filesystems, pla
         batch_format="numpy",
         fn_kwargs={
             "settings": settings.to_dict(),
-            "model_meta": model_meta,
             "patch_size": lm.config.patch_size,
             "labels": labels,
         },
