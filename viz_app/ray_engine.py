@@ -748,7 +748,13 @@ def _run(ray, args, settings, lm, sources, unreadable, own, filesystems, folder,
     shard_names: list[str] = []
     devices: set[str] = set()
     non_finite: list[str] = [stems[i] for i, row in resumed.items() if not _row_finite(row)]
-    state = {"failure": None, "interrupted": False, "first_result_s": None, "first_batch_images": 0, "pipeline_s": None}
+    state = {
+        "failure": None,
+        "interrupted": False,
+        "first_result_s": None,
+        "first_batch_images": 0,
+        "pipeline_s": None,
+    }
     hooks = json.loads(os.environ.get(TEST_HOOKS, "{}") or "{}")
     shard_rows = int(hooks.get("shard_rows", SHARD_ROWS))
     planned = [n for i in pending for n in (f"{stems[i]}.npz", f"{stems[i]}_rollout.png")]
