@@ -52,3 +52,30 @@ def test_server_serves_page_on_localhost(launcher, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_stopping_vit_lens_app_stops_its_server(tmp_path):
+    """`vit-lens app` becomes the Streamlit server (exec): a SIGTERM to it leaves no server behind
+    (a child process kept serving after its parent was terminated)."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "viz_app", "app", "--server.port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2):
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
+                time.sleep(0.5)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    time.sleep(1)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2)

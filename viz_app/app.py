@@ -9,6 +9,7 @@ SAFE_DEFAULTS, the options the page must never run without. Arguments after `app
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tomllib
@@ -45,7 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0
+    cmd = command(argv)
+    if os.name == "posix":
+        # become the server (same pid): a signal meant for `vit-lens app` (a service manager's or a
+        # test's SIGTERM) reaches Streamlit itself; a child would be left running without its parent
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(cmd[0], cmd)
     try:
-        return subprocess.call(command(argv))
+        return subprocess.call(cmd)
     except KeyboardInterrupt:
         return 130
