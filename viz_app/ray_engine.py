@@ -97,7 +97,7 @@ def _columns():
         ("mtime_ns", i64, "the input's modification time (ns since the epoch) when it was read"),
         ("width", pa.int32(), "the original's width in pixels"),
         ("height", pa.int32(), "the original's height in pixels"),
-        ("top5_classes", pa.list_(i64), "the most probable classes, first first (null without a classifier)"),
+        ("top5_classes", pa.list_(i64), "the 5 most probable classes, most probable first (null without a classifier)"),
         ("top5_probabilities", f32, "their probabilities (null without a classifier)"),
         ("top5_labels", pa.list_(s), "their labels (class numbers where the model has no labels)"),
         ("grad_class", i64, "the gradient rollout's class (null without --grad-rollout)"),
@@ -831,8 +831,8 @@ def _run(ray, args, settings, lm, sources, unreadable, own, filesystems, folder,
                 "folder": PARQUET_DIR,
                 "shards": used_shards + shard_names,
                 "columns": {name: what for name, _, what in _columns()},
-                "note": "one row per image; where an image appears in more than one shard, the row of its run_id "
-                "in `images` is current",
+                "note": "one row per image and run; an image analysed again (its input or outputs changed) has a "
+                "row in more than one shard: its current row is the one of the latest run_id among these shards",
             },
             "aggregates": aggregates,
         }
