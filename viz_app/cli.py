@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 from model import ViTLensError, load_checkpoint
+from model.device import PRECISIONS
 from model.errors import first_line
 from model.preprocess import ImageError, PreparedImage, load_image, prepare_image
 from model.weights.load import LoadedModel
@@ -131,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="analyse images with a ViT and write arrays, overlays and a summary")
     a.add_argument("--model", required=True, help="demo, a curated key, a checkpoint path or a hub id")
     a.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    a.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    a.add_argument("--dtype", default="fp32", choices=list(PRECISIONS), help="tf32: CUDA only (docs/PRECISION.md)")
     a.add_argument("--batch-size", type=int, default=8)
     a.add_argument("--save-attentions", action="store_true", help="also store attentions (L, H, T, T) float32")
     a.add_argument(
@@ -544,6 +545,92 @@ def read_batch(
     return items, bad, len(paths)
 
 
+class BatchAnalyzer:
+    """The model's part of a batch, the same for both engines: the forward pass with every layer's
+    maps written into one reused attention block (or the gradient pass), the report's analyses,
+    and each image's arrays as copies (an analysis may return a view of the block, which the next
+    batch overwrites)."""
+
+    def __init__(self, lm: LoadedModel, settings: report.Settings, batch_size: int) -> None:
+        self.lm, self.settings, self.batch_size = lm, settings, batch_size
+        self.gradients = settings.grad_rollout
+        self.block = None
+
+    def __call__(self, pixels: torch.Tensor) -> list[dict[str, np.ndarray]]:
+        """pixels (B, 3, H, W) on the host, B <= batch_size -> one dict of arrays per image."""
+        lm, n = self.lm, len(pixels)
+        if self.block is None and not self.gradients:
+            self.block = lm.model.new_attention_block(self.batch_size, device=lm.device, dtype=lm.dtype)
+        maps = None if self.block is None else self.block[:, :n]
+        target = None
+        if self.gradients and self.settings.grad_class is not None:
+            target = torch.full((n,), self.settings.grad_class, dtype=torch.long, device=lm.device)
+        fwd = run_forward(
+            lm.model, pixels.to(lm.device, lm.dtype), gradients=self.gradients, target=target, attention_out=maps
+        )
+        arrays = report.analyze_batch(lm, fwd, self.settings)
+        return [report.split(arrays, b) for b in range(n)]
+
+
+def all_finite(arrays: dict[str, np.ndarray]) -> bool:
+    """Whether an image's float arrays are all finite (NaN/Inf weights or preprocessing show here)."""
+    return all(bool(np.isfinite(v).all()) for v in arrays.values() if v.dtype.kind == "f")
+
+
+def top5_entry(arrays: dict[str, np.ndarray], labels: list[str] | None) -> list[dict] | None:
+    """summary.json's top-5 of one image (None for a model without a classifier)."""
+    if "top5_classes" not in arrays:
+        return None
+    return [
+        {"class": int(k), "label": labels[k] if labels else str(int(k)), "probability": float(p)}
+        for k, p in zip(arrays["top5_classes"], arrays["top5_probabilities"])
+    ]
+
+
+def announce(progress: Progress, folder: OutputFolder, *, own: int, renamed: int, total: int, run_names: dict) -> None:
+    """The notes every analyze run starts with: earlier outputs left out, renamed images, run
+    files that take other names."""
+    if own:
+        progress.note(f"note: left out {own} images in {folder.path} that an earlier vit-lens run wrote")
+    if renamed:
+        progress.note(
+            f"note: {renamed} of {total} images are written under other names than their own (taken by other "
+            f"inputs or files already in {folder.path}); summary.json maps each input to its files"
+        )
+    for fixed, name in (("model.npz", run_names["model"]), ("mad.png", run_names["mad"])):
+        if name != fixed:
+            progress.note(
+                f"note: {folder.path} already holds a {fixed} that vit-lens did not write: this run writes {name}"
+            )
+
+
+def summary_head(source: str, lm: LoadedModel, settings: report.Settings, device: str) -> dict:
+    """The keys of summary.json that describe the run's model and settings (both engines)."""
+    c = lm.config
+    return {
+        "model": {
+            "source": source,
+            "name": lm.name,
+            "family": lm.family,
+            "format": lm.format,
+            "patch_size": c.patch_size,
+            "grid": list(c.grid),
+            "prefix_tokens": list(c.prefix_names),
+            "num_prefix_tokens": c.num_prefix_tokens,
+            "layers": c.depth,
+            "heads": c.num_heads,
+            "config": c.to_dict(),
+        },
+        "device": device,
+        "dtype": str(lm.dtype).removeprefix("torch."),
+        "precision": lm.precision,
+        "preprocessing": lm.preprocessing.to_dict(),
+        "settings": settings.to_dict(),
+        "schema_version": report.SCHEMA_VERSION,
+        "mean_attention_distance_convention": "as_is (prefix mass counts as distance 0), pixels",
+    }
+
+
 def write_outputs(folder: OutputFolder, items: list[Item], reports: list[report.Report], patch_size: int) -> None:
     """Per image: its report (<stem>.npz) and the rollout overlay on the original (<stem>_rollout.png)."""
     for it, rep in zip(items, reports, strict=True):
@@ -748,19 +835,8 @@ def _analyze(
     for path, reason in unreadable:
         progress.note(f"skipped {path}: {reason}")
         skipped.append({"file": str(path), "reason": reason})
-    if own:
-        progress.note(f"note: left out {own} images in {folder.path} that an earlier vit-lens run wrote")
     renamed = sum(s != f.stem for s, f in zip(stems, files))
-    if renamed:
-        progress.note(
-            f"note: {renamed} of {len(files)} images are written under other names than their own (taken by other "
-            f"inputs or files already in {folder.path}); summary.json maps each input to its files"
-        )
-    for fixed, name in (("model.npz", run_names["model"]), ("mad.png", run_names["mad"])):
-        if name != fixed:
-            progress.note(
-                f"note: {folder.path} already holds a {fixed} that vit-lens did not write: this run writes {name}"
-            )
+    announce(progress, folder, own=own, renamed=renamed, total=len(files), run_names=run_names)
     results: dict[str, dict] = {}
     mad_all: list[np.ndarray] = []  # finite ones
     non_finite: list[str] = []
@@ -769,7 +845,7 @@ def _analyze(
     mad_mean = None
     failure: str | None = None
     interrupted = False
-    block = None
+    analyzer = BatchAnalyzer(lm, settings, batch_size)
     pool = (lambda: ThreadPoolExecutor(1)) if overlap_stages(lm.device) else InlineExecutor
     try:
         with pool() as reader, pool() as writer:
@@ -787,40 +863,20 @@ def _analyze(
                     progress.note(f"skipped {path}: {reason}")
                     skipped.append({"file": str(path), "reason": reason})
                 if items:
-                    pixels = torch.stack([it.prepared.pixels for it in items]).to(lm.device, lm.dtype)
-                    if block is None and not gradients:  # one block for every batch's maps
-                        block = lm.model.new_attention_block(batch_size, device=lm.device, dtype=lm.dtype)
-                    maps = None if block is None else block[:, : len(items)]
-                    target = None
-                    if gradients and settings.grad_class is not None:
-                        target = torch.full((len(items),), settings.grad_class, dtype=torch.long)
-                    fwd = run_forward(lm.model, pixels, gradients=gradients, target=target, attention_out=maps)
-                    arrays = report.analyze_batch(lm, fwd, settings)
-                    finite = np.ones(len(items), bool)  # NaN/Inf weights or preprocessing show up here
-                    for v in arrays.values():
-                        if v.dtype.kind == "f":
-                            finite &= np.isfinite(v.reshape(len(items), -1)).all(axis=1)
+                    per_image = analyzer(torch.stack([it.prepared.pixels for it in items]))
                     reports = []
-                    for b, it in enumerate(items):
-                        # copies: an analysis may return a view of the block, which the next batch overwrites
-                        one = report.split(arrays, b)
+                    for it, one in zip(items, per_image):
                         one["model_view"] = it.prepared.view
                         image = {"name": it.path.name, "original_size": list(it.prepared.original_size)}
                         reports.append(report.Report(one, settings, model_meta, image))
-                        if finite[b]:
+                        if all_finite(one):
                             mad_all.append(one["mean_attention_distance"])
                         else:
                             non_finite.append(it.stem)
                         entry = {"file": str(it.path), "npz": f"{it.stem}.npz", "rollout_png": f"{it.stem}_rollout.png"}
-                        if "top5_classes" in one:
-                            entry["top5"] = [
-                                {
-                                    "class": int(k),
-                                    "label": lm.labels[k] if lm.labels else str(int(k)),
-                                    "probability": float(p),
-                                }
-                                for k, p in zip(one["top5_classes"], one["top5_probabilities"])
-                            ]
+                        top5 = top5_entry(one, lm.labels)
+                        if top5 is not None:
+                            entry["top5"] = top5
                         results[it.stem] = entry
                     if last_write is not None:
                         last_write.result()
@@ -849,26 +905,7 @@ def _analyze(
     images = {s: e for s, e in results.items() if e["npz"] in written and e["rollout_png"] in written}
     done = {e["file"] for e in images.values()} | {s["file"] for s in skipped}
     status = 130 if interrupted else 2 if failure else 1 if skipped else 0
-    summary = {
-        "model": {
-            "source": str(args.model),
-            "name": lm.name,
-            "family": lm.family,
-            "format": lm.format,
-            "patch_size": c.patch_size,
-            "grid": list(c.grid),
-            "prefix_tokens": list(c.prefix_names),
-            "num_prefix_tokens": c.num_prefix_tokens,
-            "layers": c.depth,
-            "heads": c.num_heads,
-            "config": c.to_dict(),
-        },
-        "device": str(lm.device),
-        "dtype": str(lm.dtype).removeprefix("torch."),
-        "preprocessing": lm.preprocessing.to_dict(),
-        "settings": settings.to_dict(),
-        "schema_version": report.SCHEMA_VERSION,
-        "mean_attention_distance_convention": "as_is (prefix mass counts as distance 0), pixels",
+    summary = summary_head(str(args.model), lm, settings, str(lm.device)) | {
         "images": images,
         "skipped": skipped,
         "mean_attention_distance": None if mad_mean is None else mad_mean.tolist(),

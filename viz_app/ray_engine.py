@@ -65,7 +65,6 @@ from model.errors import first_line
 from model.preprocess import MAX_BYTES, ImageError, load_image, prepare_image
 from viz_app import cli, render, report
 from viz_app.cli import OutputError, UsageError
-from viz_app.pipeline import run_forward
 
 RAY_MISSING = (
     "--engine ray needs Ray, which is not installed here: pip install -r requirements-ray.txt "
@@ -317,33 +316,23 @@ class _Model:
         self.lm = load_checkpoint(source, device=device, dtype=dtype, image_size=image_size)
         self.meta = json.dumps(report.model_meta(self.lm, source))  # what each report says produced it
         self.settings = report.Settings.from_dict(settings)
-        self.gradients = self.settings.grad_rollout
         self.batch_size = batch_size
-        self.block = None
+        self.analyze = cli.BatchAnalyzer(self.lm, self.settings, batch_size)
         self.hooks = hooks or {}
         self.calls = 0
 
     def __call__(self, batch: dict) -> dict:
         self.calls += 1
         self._hook()
-        lm, settings = self.lm, self.settings
         errors, blobs = list(batch["error"]), list(batch["item"])
         arrays_out = [b""] * len(errors)
         ok = [k for k, e in enumerate(errors) if not e]
         for start in range(0, len(ok), self.batch_size):
             part = ok[start : start + self.batch_size]
             items = [pickle.loads(blobs[k]) for k in part]
-            pixels = torch.stack([torch.from_numpy(it.prepared.pixels) for it in items]).to(lm.device, lm.dtype)
-            if self.block is None and not self.gradients:  # one block for every batch's maps
-                self.block = lm.model.new_attention_block(self.batch_size, device=lm.device, dtype=lm.dtype)
-            maps = None if self.block is None else self.block[:, : len(items)]
-            target = None
-            if self.gradients and settings.grad_class is not None:
-                target = torch.full((len(items),), settings.grad_class, dtype=torch.long)
-            fwd = run_forward(lm.model, pixels, gradients=self.gradients, target=target, attention_out=maps)
-            arrays = report.analyze_batch(lm, fwd, settings)
-            for b, k in enumerate(part):
-                arrays_out[k] = pickle.dumps(report.split(arrays, b), protocol=5)
+            per_image = self.analyze(torch.stack([torch.from_numpy(it.prepared.pixels) for it in items]))
+            for k, one in zip(part, per_image):
+                arrays_out[k] = pickle.dumps(one, protocol=5)
             if self.hooks.get("count_dir"):
                 for it in items:
                     Path(self.hooks["count_dir"], f"{it.stem}-{secrets.token_hex(4)}").touch()
@@ -391,7 +380,7 @@ def _encode(batch: dict, *, settings: dict, patch_size: int, labels: list | None
             continue
         it: cli.Item = pickle.loads(blob)
         one = pickle.loads(arrays)
-        finite = all(bool(np.isfinite(v).all()) for v in one.values() if v.dtype.kind == "f")
+        finite = cli.all_finite(one)
         one["model_view"] = it.prepared.view
         image = {"name": it.path.name, "original_size": list(it.prepared.original_size)}
         model_meta = json.loads(meta)  # the actor's: its device, dtype, precision
@@ -724,24 +713,13 @@ def _run(ray, args, settings, lm, sources, unreadable, own, filesystems, folder,
     for path, reason in unreadable:
         progress.note(f"skipped {path}: {reason}")
         skipped.append({"file": str(path), "reason": reason})
-    if own:
-        progress.note(f"note: left out {own} images in {folder.path} that an earlier vit-lens run wrote")
     if resumed:
         progress.note(
             f"note: {len(resumed)} of {len(sources)} images were analysed by an earlier run into {folder.path} "
             f"with the same model and settings: kept; {len(pending)} to analyse"
         )
     renamed = sum(stems[i] != s.stem for i, s in enumerate(sources))
-    if renamed:
-        progress.note(
-            f"note: {renamed} of {len(sources)} images are written under other names than their own (taken by other "
-            f"inputs or files already in {folder.path}); summary.json maps each input to its files"
-        )
-    for fixed, name in (("model.npz", run_names["model"]), ("mad.png", run_names["mad"])):
-        if name != fixed:
-            progress.note(
-                f"note: {folder.path} already holds a {fixed} that vit-lens did not write: this run writes {name}"
-            )
+    cli.announce(progress, folder, own=own, renamed=renamed, total=len(sources), run_names=run_names)
 
     entries: dict[int, dict] = {i: _entry(sources[i], row) for i, row in resumed.items()}
     records: list[dict] = []  # rows not yet in a shard
@@ -767,26 +745,7 @@ def _run(ray, args, settings, lm, sources, unreadable, own, filesystems, folder,
         if not final:  # everything this run may write, so a killed run leaves its files claimed
             written = list(dict.fromkeys(written + planned))
         earlier = sorted((set(folder.earlier) | set(resumed_files)) - set(written))
-        return {
-            "model": {
-                "source": str(args.model),
-                "name": lm.name,
-                "family": lm.family,
-                "format": lm.format,
-                "patch_size": c.patch_size,
-                "grid": list(c.grid),
-                "prefix_tokens": list(c.prefix_names),
-                "num_prefix_tokens": c.num_prefix_tokens,
-                "layers": c.depth,
-                "heads": c.num_heads,
-                "config": c.to_dict(),
-            },
-            "device": ",".join(sorted(devices)) or plan["device"],
-            "dtype": str(lm.dtype).removeprefix("torch."),
-            "preprocessing": lm.preprocessing.to_dict(),
-            "settings": settings.to_dict(),
-            "schema_version": report.SCHEMA_VERSION,
-            "mean_attention_distance_convention": "as_is (prefix mass counts as distance 0), pixels",
+        return cli.summary_head(str(args.model), lm, settings, ",".join(sorted(devices)) or plan["device"]) | {
             "images": {entries[i]["stem"]: entries[i]["entry"] for i in sorted(entries)},
             "skipped": skipped,
             "mean_attention_distance": None if mad_mean is None else mad_mean.tolist(),
