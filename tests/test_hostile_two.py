@@ -6,39 +6,22 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from children import run_child
 
 from model import CheckpointError
 from model.weights import read_weights_file
 from viz_app.cli import main as cli_main
 
 
-def _child(code: str, timeout: float = 60) -> dict:
-    """Run code in a fresh Python; it prints one JSON line. Adds the child's peak memory in MB
-    (VmHWM: its own address space's high-water mark; ru_maxrss would carry the parent's over)."""
-    peak = (
-        "\nout['peak_mb'] = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0] / 1024"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code + peak + "\nprint(json.dumps(out))\n"],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.parametrize("size", [(1, 400_000), (400_000, 1), (1, 65_535), (3, 50_000)])
 def test_an_extreme_aspect_ratio_costs_no_gigabytes(size):
     """A 1 x 400000 strip resized whole to a 256 px short side would be 100 G pixels; only the
     region the crop keeps is resampled."""
-    out = _child(
+    out = run_child(
         textwrap.dedent(f"""
         import json, time
         from PIL import Image
@@ -227,7 +210,7 @@ def test_a_tiff_listing_more_strips_than_rows_is_refused_quickly(tmp_path, strip
     """Pillow reads a strip table whole into Python ints: 3 M entries took 16 s and 1 GB here."""
     path = tmp_path / "strips.tif"
     path.write_bytes(_strip_tiff(strips, short=short))
-    out = _child(
+    out = run_child(
         textwrap.dedent(f"""
         import json, time
         from model.preprocess import ImageError, load_image

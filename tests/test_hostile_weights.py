@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from children import run_child
 from safetensors.torch import save_file
 
 from model import CheckpointError, Preprocessing, VisionTransformer, ViTConfig, load_checkpoint
@@ -498,27 +499,11 @@ def built(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def _child(code: str, timeout: float = 120) -> dict:
-    """Run code in a fresh Python; it fills the dict `out`. Adds the child's peak memory in MB (VmHWM:
-    its own address space's high-water mark)."""
-    peak = (
-        "\nout['peak_mb'] = [int(x.split()[1]) for x in open('/proc/self/status') if x.startswith('VmHWM')][0] / 1024"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code + peak + "\nprint(json.dumps(out))\n"],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
 def loaded_in_a_child(built) -> dict:
     """Every case loaded in one child process: per case the seconds, the error type and message."""
     paths = {name: str(p) for name, p in built.items()}
-    return _child(
+    return run_child(
         textwrap.dedent(f"""
         import json, time
         from model import load_checkpoint
@@ -605,7 +590,7 @@ def test_python_m_viz_app_refuses_the_issues_examples(built, image, tmp_path, na
 def test_the_npz_bomb_is_refused_from_the_zip_directory(tmp_path):
     path = make_npz_bomb(tmp_path, "bomb.npz")
     assert path.stat().st_size < 4 * 2**20
-    out = _child(
+    out = run_child(
         textwrap.dedent(f"""
         import json, time
         from model.weights import read_weights_file

@@ -604,6 +604,23 @@ def announce(progress: Progress, folder: OutputFolder, *, own: int, renamed: int
             )
 
 
+def settings_for_model(settings: report.Settings, c) -> report.Settings:
+    """The settings checked against the model (layers, query patch, class: UsageError if out of
+    range). A model without a classifier has no class to explain: its reports say so by leaving
+    grad_rollout out."""
+    try:
+        settings.layer_range(c.depth)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if settings.query_patch is not None and not all(0 <= v < n for v, n in zip(settings.query_patch, c.grid)):
+        raise UsageError(f"--query-patch {settings.query_patch} is outside the {c.grid[0]}x{c.grid[1]} patch grid")
+    if settings.grad_class is not None and c.num_classes and not 0 <= settings.grad_class < c.num_classes:
+        raise UsageError(f"--grad-class {settings.grad_class} is outside the model's classes 0-{c.num_classes - 1}")
+    if not (settings.grad_rollout and c.num_classes > 0):
+        settings = dataclasses.replace(settings, grad_rollout=False, grad_class=None)
+    return settings
+
+
 def summary_head(source: str, lm: LoadedModel, settings: report.Settings, device: str) -> dict:
     """The keys of summary.json that describe the run's model and settings (both engines)."""
     c = lm.config
@@ -815,18 +832,8 @@ def _analyze(
         raise UsageError(f"cannot load model {args.model!r}: {e}") from None
     start = time.monotonic()
     c = lm.config
-    try:
-        settings.layer_range(c.depth)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if settings.query_patch is not None and not all(0 <= v < n for v, n in zip(settings.query_patch, c.grid)):
-        raise UsageError(f"--query-patch {settings.query_patch} is outside the {c.grid[0]}x{c.grid[1]} patch grid")
-    if settings.grad_class is not None and c.num_classes and not 0 <= settings.grad_class < c.num_classes:
-        raise UsageError(f"--grad-class {settings.grad_class} is outside the model's classes 0-{c.num_classes - 1}")
-    # a model without a classifier has no class to explain: its reports say so by leaving grad_rollout out
-    gradients = settings.grad_rollout and c.num_classes > 0
-    if not gradients:
-        settings = dataclasses.replace(settings, grad_rollout=False, grad_class=None)
+    settings = settings_for_model(settings, c)
+    gradients = settings.grad_rollout
     batch_size = min(args.batch_size, len(files))
     check_memory(lm, batch_size, gradients=gradients, per_image_bytes=3 * OVERLAY_MAX_PIXELS)
     model_meta = report.model_meta(lm, str(args.model))

@@ -654,17 +654,7 @@ def _analyze(ray, args, settings, remote, files, unreadable, filesystems, folder
         lm = load_checkpoint(args.model, device="cpu", dtype=args.dtype, image_size=args.image_size)
     except (ViTLensError, ValueError) as e:
         raise UsageError(f"cannot load model {args.model!r}: {e}") from None
-    c = lm.config
-    try:
-        settings.layer_range(c.depth)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if settings.query_patch is not None and not all(0 <= v < n for v, n in zip(settings.query_patch, c.grid)):
-        raise UsageError(f"--query-patch {settings.query_patch} is outside the {c.grid[0]}x{c.grid[1]} patch grid")
-    if settings.grad_class is not None and c.num_classes and not 0 <= settings.grad_class < c.num_classes:
-        raise UsageError(f"--grad-class {settings.grad_class} is outside the model's classes 0-{c.num_classes - 1}")
-    if not (settings.grad_rollout and c.num_classes > 0):
-        settings = dataclasses.replace(settings, grad_rollout=False, grad_class=None)
+    settings = cli.settings_for_model(settings, lm.config)
 
     ray_start = time.monotonic()
     ours = start_ray(ray, args.address)
