@@ -502,6 +502,13 @@ def overlap_stages(device: torch.device) -> bool:
     return device.type != "cpu" or cores > torch.get_num_threads()
 
 
+def worker_threads(device: torch.device) -> int:
+    """Threads for decoding and encoding beside the model: the cores the model leaves free (all
+    but one with a GPU, which the main thread feeds), at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1 if device.type != "cpu" else cores - torch.get_num_threads())
+
+
 class InlineExecutor(Executor):
     """An executor that runs each task at once in the calling thread."""
 
@@ -514,6 +521,17 @@ class InlineExecutor(Executor):
         return future
 
 
+def read_one(path: Path, stem: str, preprocessing, keep_original: bool = True) -> Item | tuple[Path, str]:
+    """Decode and prepare one image -> its Item, or (path, why it was skipped)."""
+    try:
+        img = load_image(path)
+    except ImageError as e:
+        return path, str(e)
+    prepared = prepare_image(img, preprocessing)
+    original, geometry = render.reduced_original(img, prepared, OVERLAY_MAX_PIXELS) if keep_original else (None, None)
+    return Item(path, stem, prepared, original, geometry)
+
+
 def read_batch(
     paths: list[Path],
     stems: list[str],
@@ -521,28 +539,35 @@ def read_batch(
     *,
     keep_original: bool = True,
     budget: int | None = None,
+    decoder: Executor | None = None,
+    width: int = 1,
 ) -> tuple[list[Item], list[tuple[Path, str]], int]:
     """Decode and prepare images of one batch, in order, until the originals kept reach `budget`
     bytes (default MAX_HELD_BYTES) -> (items, [(path, why it was skipped)], how many paths were
-    used). keep_original=False (evaluate) keeps no original: then every path is used."""
+    used). keep_original=False (evaluate) keeps no original: then every path is used.
+
+    With a decoder (a thread pool: PIL, its resize and OpenCV release the GIL), `width` images are
+    decoded at a time and the budget is checked after each such wave, so it can be passed by at
+    most one wave."""
     budget = MAX_HELD_BYTES if budget is None else budget
-    items, bad, held = [], [], 0
-    for n, (path, stem) in enumerate(zip(paths, stems), 1):
-        try:
-            img = load_image(path)
-        except ImageError as e:
-            bad.append((path, str(e)))
-            continue
-        prepared = prepare_image(img, preprocessing)
-        original, geometry = (
-            render.reduced_original(img, prepared, OVERLAY_MAX_PIXELS) if keep_original else (None, None)
-        )
-        del img
-        items.append(Item(path, stem, prepared, original, geometry))
-        held += 0 if original is None else original.nbytes
+    items, bad, held, used = [], [], 0, 0
+    step = max(1, width) if decoder is not None else 1
+    for start in range(0, len(paths), step):
+        wave = list(zip(paths[start : start + step], stems[start : start + step]))
+        if decoder is None:
+            got = [read_one(p, s, preprocessing, keep_original) for p, s in wave]
+        else:
+            got = list(decoder.map(lambda ps: read_one(*ps, preprocessing, keep_original), wave))
+        for one in got:
+            used += 1
+            if isinstance(one, Item):
+                items.append(one)
+                held += 0 if one.original is None else one.original.nbytes
+            else:
+                bad.append(one)
         if held >= budget:
-            return items, bad, n
-    return items, bad, len(paths)
+            break
+    return items, bad, used
 
 
 class BatchAnalyzer:
@@ -565,9 +590,11 @@ class BatchAnalyzer:
         target = None
         if self.gradients and self.settings.grad_class is not None:
             target = torch.full((n,), self.settings.grad_class, dtype=torch.long, device=lm.device)
-        fwd = run_forward(
-            lm.model, pixels.to(lm.device, lm.dtype), gradients=self.gradients, target=target, attention_out=maps
-        )
+        if lm.device.type == "cuda":  # page-locked host memory: the copy runs asynchronously, queued before the model
+            x = pixels.pin_memory().to(lm.device, non_blocking=True).to(lm.dtype)
+        else:
+            x = pixels.to(lm.device, lm.dtype)
+        fwd = run_forward(lm.model, x, gradients=self.gradients, target=target, attention_out=maps)
         arrays = report.analyze_batch(lm, fwd, self.settings)
         return [report.split(arrays, b) for b in range(n)]
 
@@ -648,12 +675,25 @@ def summary_head(source: str, lm: LoadedModel, settings: report.Settings, device
     }
 
 
-def write_outputs(folder: OutputFolder, items: list[Item], reports: list[report.Report], patch_size: int) -> None:
-    """Per image: its report (<stem>.npz) and the rollout overlay on the original (<stem>_rollout.png)."""
-    for it, rep in zip(items, reports, strict=True):
-        folder.write(f"{it.stem}.npz", rep.npz_bytes())
+def write_outputs(
+    folder: OutputFolder,
+    items: list[Item],
+    reports: list[report.Report],
+    patch_size: int,
+    encoder: Executor | None = None,
+) -> None:
+    """Per image: its report (<stem>.npz) and the rollout overlay on the original (<stem>_rollout.png).
+    With an encoder (a thread pool: zlib and OpenCV release the GIL) the files are encoded in
+    parallel; they are written in order either way, so the run's file list does not depend on it."""
+
+    def encode(it: Item, rep: report.Report) -> tuple[bytes, bytes]:
         png = render.overlay_on_original(it.original, it.geometry, rep.arrays["rollout"], patch_size=patch_size)
-        folder.write(f"{it.stem}_rollout.png", render.to_png(png))
+        return rep.npz_bytes(), render.to_png(png)
+
+    encoded = map(encode, items, reports) if encoder is None else encoder.map(encode, items, reports)
+    for it, (npz, png) in zip(items, encoded, strict=True):
+        folder.write(f"{it.stem}.npz", npz)
+        folder.write(f"{it.stem}_rollout.png", png)
 
 
 def settings_from_args(args: argparse.Namespace) -> report.Settings:
@@ -853,13 +893,17 @@ def _analyze(
     failure: str | None = None
     interrupted = False
     analyzer = BatchAnalyzer(lm, settings, batch_size)
-    pool = (lambda: ThreadPoolExecutor(1)) if overlap_stages(lm.device) else InlineExecutor
+    overlap = overlap_stages(lm.device)
+    pool = (lambda: ThreadPoolExecutor(1)) if overlap else InlineExecutor
+    # where the model leaves cores free (a GPU): decoding and encoding spread over them
+    width = worker_threads(lm.device) if overlap else 1
     try:
-        with pool() as reader, pool() as writer:
+        with pool() as reader, pool() as writer, ThreadPoolExecutor(width) as workers:
+            coder = workers if width > 1 else None
 
             def read(i: int) -> Future:
                 j = i + args.batch_size
-                return reader.submit(read_batch, files[i:j], stems[i:j], lm.preprocessing)
+                return reader.submit(read_batch, files[i:j], stems[i:j], lm.preprocessing, decoder=coder, width=width)
 
             pos, next_read, last_write = 0, read(0), None
             while next_read is not None:
@@ -887,7 +931,7 @@ def _analyze(
                         results[it.stem] = entry
                     if last_write is not None:
                         last_write.result()
-                    last_write = writer.submit(write_outputs, folder, items, reports, c.patch_size)
+                    last_write = writer.submit(write_outputs, folder, items, reports, c.patch_size, coder)
                 progress.step(used)
             if last_write is not None:
                 last_write.result()
