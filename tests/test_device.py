@@ -14,12 +14,13 @@ import traceback
 from pathlib import Path
 
 import pytest
+import test_model
 import torch
 import torch.utils._device as torch_device
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from model import VisionTransformer, ViTConfig, load_checkpoint, prepare_image
+from model import VisionTransformer, load_checkpoint, prepare_image
 from model import device as D
 from model import vit as V
 from model.config import Preprocessing
@@ -37,14 +38,8 @@ STEM = dict(TINY, conv_stem=(8, 16))
 
 
 def _model(seed=0, **kw) -> VisionTransformer:
-    m = VisionTransformer(ViTConfig(**{**TINY, **kw}))
-    m.init_weights(seed=seed)
-    with torch.no_grad():  # non-trivial prefix tokens and position embeddings
-        g = torch.Generator().manual_seed(seed + 1)
-        for name, p in m.named_parameters():
-            if "token" in name or "pos_embed" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-    return m.eval().requires_grad_(False)
+    """test_model's small model (random prefix tokens and position embeddings), frozen."""
+    return test_model._model(seed, **kw).requires_grad_(False)
 
 
 def _x(batch=2, seed=0, dtype=torch.float32):

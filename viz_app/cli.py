@@ -493,19 +493,23 @@ class OutputFolder:
         self.written.append(name)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def overlap_stages(device: torch.device) -> bool:
     """Whether reading, the model and writing should overlap: where there are cores to spare (a
     GPU runs the model, or torch uses fewer threads than there are cores), the next batch is
     decoded and the last one's files are written while the model runs (PIL, zlib and OpenCV
     release the GIL). On a CPU that torch already fills, worker threads only stall its GEMMs."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return device.type != "cpu" or cores > torch.get_num_threads()
+    return device.type != "cpu" or usable_cores() > torch.get_num_threads()
 
 
 def worker_threads(device: torch.device) -> int:
     """Threads for decoding and encoding beside the model: the cores the model leaves free (all
     but one with a GPU, which the main thread feeds), at least 1."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     return max(1, cores - 1 if device.type != "cpu" else cores - torch.get_num_threads())
 
 
@@ -521,10 +525,13 @@ class InlineExecutor(Executor):
         return future
 
 
-def read_one(path: Path, stem: str, preprocessing, keep_original: bool = True) -> Item | tuple[Path, str]:
-    """Decode and prepare one image -> its Item, or (path, why it was skipped)."""
+def read_one(
+    path: Path, stem: str, preprocessing, keep_original: bool = True, *, data: bytes | None = None
+) -> Item | tuple[Path, str]:
+    """Decode and prepare one image (the file at path, or `data` already read from elsewhere, named
+    by path) -> its Item, or (path, why it was skipped)."""
     try:
-        img = load_image(path)
+        img = load_image(path) if data is None else load_image(data, name=path.name)
     except ImageError as e:
         return path, str(e)
     prepared = prepare_image(img, preprocessing)

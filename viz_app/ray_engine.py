@@ -8,8 +8,8 @@ The pipeline is one Ray Data stream, never the whole input in memory:
   driver   lists the inputs (local folders through cli.collect_inputs; s3://, gs://, hdfs://, file://
            and whatever else pyarrow or fsspec opens through pyarrow.fs), loads the model once to
            check the arguments and write model.npz, plans output names (cli.free_stems);
-  decode   Ray tasks (1 CPU each): read, decode and prepare each image (cli.read_batch for local
-           files; the same load_image/prepare_image/reduced_original steps for remote bytes); an
+  decode   Ray tasks (1 CPU each): read, decode and prepare each image with the local engine's
+           cli.read_one (remote files' bytes read first through their filesystem); an
            unreadable image becomes a `skipped` line, as in the local engine;
   model    an actor pool, the model loaded once per actor (load_checkpoint): one actor per GPU
            with --device cuda (or auto where the cluster has GPUs), else CPU actors; a forward pass
@@ -62,7 +62,7 @@ import torch
 
 from model import ViTLensError, load_checkpoint
 from model.errors import first_line
-from model.preprocess import MAX_BYTES, ImageError, load_image, prepare_image
+from model.preprocess import MAX_BYTES, ImageError
 from viz_app import cli, render, report
 from viz_app.cli import OutputError, UsageError
 
@@ -257,22 +257,19 @@ def _decode(batch: dict, *, filesystems: list, preprocessing) -> dict:
     for fs_index, fs_path, size, stem in zip(batch["fs"], batch["fs_path"], batch["size"], batch["stem"]):
         error, blob = "", b""
         if fs_index < 0:  # a local file: the local engine's own reader
-            got, bad, _ = cli.read_batch([Path(fs_path)], [stem], preprocessing, budget=2**62)
-            if bad:
-                error = bad[0][1]
-            else:
-                blob = _pickle_item(got[0])
+            one = cli.read_one(Path(fs_path), stem, preprocessing)
         else:
             name = PurePosixPath(fs_path).name
             try:
-                data = _read_remote(filesystems[fs_index], fs_path, int(size), name)
-                img = load_image(data, name=name)
-                del data
-                prepared = prepare_image(img, preprocessing)
-                original, geometry = render.reduced_original(img, prepared, cli.OVERLAY_MAX_PIXELS)
-                blob = _pickle_item(cli.Item(Path(name), stem, prepared, original, geometry))
-            except ImageError as e:
-                error = str(e)
+                one = cli.read_one(
+                    Path(name), stem, preprocessing, data=_read_remote(filesystems[fs_index], fs_path, int(size), name)
+                )
+            except ImageError as e:  # too large or unreadable
+                one = (Path(name), str(e))
+        if isinstance(one, cli.Item):
+            blob = _pickle_item(one)
+        else:
+            error = one[1]
         errors.append(error)
         items.append(blob)
     return {"i": batch["i"], "error": errors, "item": items}
