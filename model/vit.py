@@ -238,7 +238,7 @@ class VisionTransformer(nn.Module):
         self.head_dist = Linear(feat, c.num_classes) if c.distilled_head and c.num_classes else None
         self.proj = Linear(feat, c.projection_dim, bias=False) if c.projection_dim else None
         # float32 products and convolutions may run in TF32 (the "tf32" precision, CUDA only);
-        # False keeps them IEEE float32 on every device (model/device.py: set_precision)
+        # False keeps them IEEE float32 on every device (model/device.py: to_precision, TF32_GATE)
         self.allow_tf32 = False
         self.init_weights()
 
