@@ -26,7 +26,7 @@ import torch
 from model import load_checkpoint, prepare_image
 from model.preprocess import load_image
 from model.weights.load import LoadedModel
-from viz_app.results import ImageResult, analyze_image, gradient_map
+from viz_app.results import ImageResult, analyze_image, class_map
 
 MAX_MODELS = 3
 IMAGE_CACHE_BYTES = 512 * 2**20  # three 50 MP photos
@@ -186,10 +186,18 @@ def get_result(source: str, device: str, dtype: str, image_digest: str, image: n
     return _caches()["results"].get((source, device, dtype, image_digest), analyze)
 
 
-def get_gradient_map(source: str, device: str, dtype: str, image_digest: str, target: int, image: np.ndarray):
+def get_class_map(
+    source: str, device: str, dtype: str, image_digest: str, target: int, image: np.ndarray, method: str = "gradient"
+) -> np.ndarray:
+    """The class-specific map (results.CLASS_MAPS) of one class, (gh, gw), computed once."""
+
     def compute():
         lm = get_model(source, device, dtype)
         result = get_result(source, device, dtype, image_digest, image)
-        return gradient_map(lm, result.prepared, target)
+        return class_map(lm, result.prepared, target, method)
 
-    return _caches()["maps"].get((source, device, dtype, image_digest, target), compute)
+    return _caches()["maps"].get((source, device, dtype, image_digest, target, method), compute)
+
+
+def get_gradient_map(source: str, device: str, dtype: str, image_digest: str, target: int, image: np.ndarray):
+    return get_class_map(source, device, dtype, image_digest, target, image, "gradient")

@@ -248,6 +248,9 @@ def main() -> None:
         image_digest=digest,
         source=source,
         gradient_map=lambda target: cache.get_gradient_map(source, device, dtype, digest, target, image),
+        class_map=lambda target, method="gradient": cache.get_class_map(
+            source, device, dtype, digest, target, image, method
+        ),
         example_mad=lambda key: example_mad(source, device, dtype, key),
         second_model=lambda: second_model(device, dtype, digest, image),
         scene_mask=scene_mask(name) if source == "demo" else None,

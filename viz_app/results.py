@@ -210,6 +210,13 @@ def nonfinite_warning(problem: str, model: str) -> str:
     )
 
 
+# Class-specific maps: method -> what the page calls it (docs/DEFINITIONS.md)
+CLASS_MAPS = {
+    "gradient": "gradient rollout (Chefer et al., ICCV 2021)",
+    "lrp": "Transformer Attribution: LRP with attention gradients (Chefer et al., CVPR 2021)",
+}
+
+
 def gradient_map(lm: LoadedModel, prepared: PreparedImage, target: int) -> np.ndarray:
     """Chefer et al. gradient rollout for one class, (gh, gw)."""
     c = lm.config
@@ -219,3 +226,14 @@ def gradient_map(lm: LoadedModel, prepared: PreparedImage, target: int) -> np.nd
         fwd.attentions, fwd.grads, num_prefix=c.num_prefix_tokens, grid=c.grid, readout_tokens=c.readout_tokens
     )
     return m[0].cpu().numpy()
+
+
+def class_map(lm: LoadedModel, prepared: PreparedImage, target: int, method: str = "gradient") -> np.ndarray:
+    """The class-specific map of `method` (a CLASS_MAPS key) for one class, (gh, gw)."""
+    if method == "gradient":
+        return gradient_map(lm, prepared, target)
+    if method == "lrp":
+        x = prepared.pixels[None].to(lm.device, lm.dtype)
+        m = A.transformer_attribution(lm.model, x, torch.tensor([target], device=lm.device))
+        return m[0].float().cpu().numpy()
+    raise ValueError(f"class-specific map must be one of {tuple(CLASS_MAPS)}, got {method!r}")

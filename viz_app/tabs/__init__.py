@@ -2,6 +2,7 @@
 has `draw(ctx)`; viz_app/page.py lays them out in TABS order."""
 
 from viz_app.tabs import (
+    classes,
     compare,
     distance,
     download,
@@ -12,6 +13,7 @@ from viz_app.tabs import (
     probes,
     rollout,
     sanity,
+    tokens,
 )
 
 # tab label -> module; short labels so that every tab fits a 1024 px wide window
@@ -19,6 +21,8 @@ TABS = {
     "Overview": overview,
     "Heads": heads,
     "Rollout": rollout,
+    "Classes": classes,
+    "Tokens": tokens,
     "Embeddings": embeddings,
     "Distance": distance,
     "Compare": compare,

@@ -67,6 +67,8 @@ class Ctx:
     example_mad: Callable[[str], tuple[np.ndarray, int]]  # as_is | renormalized | prefix -> (gallery mean, n)
     # draws the second-model picker where it is called; -> (model, its result for this image) or None
     second_model: Callable[[], tuple[LoadedModel, ImageResult | None] | None] = lambda: None
+    # (class, method) -> the class-specific map of results.CLASS_MAPS[method], (gh, gw), cached
+    class_map: Callable[[int, str], np.ndarray] = lambda target, method="gradient": None  # noqa: E731
     scene_mask: np.ndarray | None = None  # the target mask of a demo scene, else None
     demo_scores: dict | None = None  # the demo model's scores on fresh scenes (assets/demo/scores.json)
 

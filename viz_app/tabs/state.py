@@ -59,6 +59,18 @@ KEPT: dict[str, type] = {
     "pr_keep_map": str,  # Probes: the map whose top share is kept
     "pr_drop_map": str,  # Probes: the map shown for the kept tokens
     "sn_kind": str,  # Sanity: cascade | independent randomization
+    "mk_show": bool,  # Heads and Rollout: outline the mass-threshold mask
+    "mk_tau": float,  # Heads and Rollout: share of the attention mass the mask keeps
+    "ro_method": str,  # class-specific maps: gradient (ICCV 2021) | lrp (CVPR 2021)
+    "mo_what": str,  # Rollout, layers in motion: rollout | head
+    "mo_fps": int,  # Rollout, layers in motion: frames per second of the animation and its export
+    "cl_k": int,  # Classes: how many top classes side by side
+    "cl_a": int,  # Classes: contrastive map, class A
+    "cl_b": int,  # Classes: contrastive map, class B
+    "tk_factor": float,  # Tokens: high-norm patch = norm above this x the layer's median patch norm
+    # Compare (per-head maps, rollouts and distances of both models)
+    "cmp_layer": int,
+    "cmp_head": int,
 }
 
 # Defaults of the values that more than one tab reads (and of the widgets that set them, which
@@ -86,6 +98,18 @@ DEFAULTS: dict[str, Any] = {
     "pr_drop": (),
     "pr_keep_top": 1.0,
     "sn_kind": "cascade",
+    "mk_show": True,
+    "mk_tau": 0.6,  # DINO's choice
+    "ro_method": "gradient",
+    "mo_what": "rollout",
+    "mo_fps": 2,
+    "cl_k": 3,
+    "cl_a": None,  # None = the top-1 class
+    "cl_b": None,  # None = the top-2 class
+    "tk_factor": 2.0,
+    # Compare
+    "cmp_layer": None,  # 1-based; None = each model's last layer
+    "cmp_head": 1,
 }
 
 
