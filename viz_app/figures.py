@@ -18,13 +18,17 @@ bound.
 
 from __future__ import annotations
 
+import base64
+
 import numpy as np
 import plotly.graph_objects as go
 
 from viz_app import colormaps
+from viz_app.render import to_png
 
 CYAN = "rgb(0, 255, 255)"
 BLUE = "rgb(49, 104, 142)"
+SELECTED = "rgb(255, 75, 75)"  # the frame of a selected tile (cyan outlines masks)
 PREFIX_SHARE_MARK = 0.5  # heads whose patch queries send at least this share to prefix tokens
 
 
@@ -422,3 +426,112 @@ def tile_figure(
     )
     extent_x, extent_y = [-0.5, C * (w + gap) - gap - 0.5], [R * (h + gap) - gap - 0.5, -0.5]
     return _figure([heat, points], _blank(tiles, layout, extent_x, extent_y))
+
+
+def png_source(image: np.ndarray) -> str:
+    """An RGB picture as a PNG data URI, for an image trace's `source` (a PNG is a tenth of the
+    size of the raw pixels in the page's JSON)."""
+    return "data:image/png;base64," + base64.b64encode(to_png(image)).decode("ascii")
+
+
+def clickable_tiles(
+    picture: np.ndarray,
+    boxes: list[tuple[int, int, int, int]],
+    *,
+    hover: list[str],
+    selected: int | None = None,
+    height: int | None = None,
+) -> go.Figure:
+    """A picture of tiles (render.tile_mosaic, with anything beside it such as a colour bar) with
+    an invisible marker on each tile's centre: clicking a tile selects it (the selection's point
+    index is the tile's index, as figures.tile_figure's second trace). The selected tile is framed
+    in red (cyan outlines the masks)."""
+    H, W = picture.shape[:2]
+    image = dict(type="image", source=png_source(picture), x0=0, y0=0, dx=1, dy=1, hoverinfo="skip")
+    cx = [(x0 + x1) / 2 for x0, _, x1, _ in boxes]
+    cy = [(y0 + y1) / 2 for _, y0, _, y1 in boxes]
+    side = min(x1 - x0 for x0, _, x1, _ in boxes)
+    points = dict(
+        type="scatter",
+        x=cx,
+        y=cy,
+        mode="markers",
+        marker=dict(size=max(12, min(60, side // 3)), color="rgba(255,255,255,0.01)", symbol="square"),
+        text=hover,
+        hovertemplate="%{text}<extra></extra>",
+        showlegend=False,
+    )
+    shapes = []
+    if selected is not None and 0 <= selected < len(boxes):
+        x0, y0, x1, y1 = boxes[selected]
+        shapes.append(dict(type="rect", x0=x0 - 3, x1=x1 + 3, y0=y0 - 3, y1=y1 + 3, line=dict(color=SELECTED, width=3)))
+    axis = dict(showgrid=False, zeroline=False, showticklabels=False, ticks="", constrain="domain")
+    layout = dict(
+        shapes=shapes,
+        height=height or int(min(900, max(260, 700 * H / max(W, 1)))),
+        margin=dict(l=0, r=0, t=0, b=0),
+        clickmode="event+select",
+        dragmode=False,
+        xaxis=dict(range=[0, W], **axis),
+        yaxis=dict(range=[H, 0], scaleanchor="x", **axis),
+    )
+    return _figure([image, points], layout)
+
+
+def animation(pictures: list[np.ndarray], labels: list[str], *, fps: float, slider_name: str) -> go.Figure:
+    """Equal-size RGB pictures as a plotly animation: a play and a pause button and a slider that
+    moves on its own while playing (and can be dragged), one step per picture, `fps` pictures a
+    second. The pictures travel as PNGs (png_source)."""
+    if not pictures:
+        raise ValueError("an animation needs at least one picture")
+    H, W = pictures[0].shape[:2]
+    sources = [png_source(p) for p in pictures]
+    trace = lambda src: dict(type="image", source=src, x0=0, y0=0, dx=1, dy=1, hoverinfo="skip")  # noqa: E731
+    frames = [dict(name=label, data=[trace(src)]) for label, src in zip(labels, sources)]
+    ms = int(round(1000 / fps))
+    play = dict(frame=dict(duration=ms, redraw=True), transition=dict(duration=0), fromcurrent=True, mode="immediate")
+    pause = dict(frame=dict(duration=0, redraw=False), transition=dict(duration=0), mode="immediate")
+    axis = dict(showgrid=False, zeroline=False, showticklabels=False, ticks="", constrain="domain")
+    layout = dict(
+        height=int(min(760, max(300, 640 * H / max(W, 1)))) + 90,
+        margin=dict(l=0, r=0, t=10, b=10),
+        dragmode=False,
+        xaxis=dict(range=[0, W], **axis),
+        yaxis=dict(range=[H, 0], scaleanchor="x", **axis),
+        updatemenus=[
+            dict(
+                type="buttons",
+                direction="left",
+                x=0.0,
+                y=0.0,
+                xanchor="left",
+                yanchor="top",
+                pad=dict(t=10, r=10),
+                showactive=False,
+                buttons=[
+                    dict(label="Play", method="animate", args=[None, play]),
+                    dict(label="Pause", method="animate", args=[[None], pause]),
+                ],
+            )
+        ],
+        sliders=[
+            dict(
+                active=0,
+                x=0.15,
+                len=0.85,
+                y=0.0,
+                yanchor="top",
+                pad=dict(t=10),
+                currentvalue=dict(prefix=f"{slider_name}: "),
+                steps=[
+                    dict(
+                        label=label,
+                        method="animate",
+                        args=[[label], dict(frame=dict(duration=0, redraw=True), mode="immediate")],
+                    )
+                    for label in labels
+                ],
+            )
+        ],
+    )
+    return go.Figure(dict(data=[trace(sources[0])], layout=layout, frames=frames), _validate=False)

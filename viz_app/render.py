@@ -414,6 +414,60 @@ def labelled_grid(
     return out
 
 
+MASK_COLOR = (0, 255, 255)  # cyan: the outline of a mass-threshold mask
+MASK_COLOR_NAME = "cyan"
+
+
+def outline_patches(image: np.ndarray, mask: np.ndarray, *, color=MASK_COLOR, width: int | None = None) -> np.ndarray:
+    """A copy of `image` (H, W, 3) with the outline of a patch mask (gh, gw) bool drawn on it: every
+    edge between a patch in the mask and one outside it (or the image border). The image spans the
+    grid (patch r covers rows r*H/gh to (r+1)*H/gh). width: the line's thickness in px (default
+    about an eighth of a patch, at least 1), centred on the edge and kept inside the image."""
+    H, W = image.shape[:2]
+    m = np.asarray(mask, dtype=bool)
+    gh, gw = m.shape
+    out = image.copy()
+    if not m.any():
+        return out
+    ys = np.round(np.linspace(0, H, gh + 1)).astype(int)
+    xs = np.round(np.linspace(0, W, gw + 1)).astype(int)
+    t = width or max(1, int(round(min(H / gh, W / gw) / 8)))
+    p = np.pad(m, 1)
+    horizontal = p[:-1, 1:-1] != p[1:, 1:-1]  # (gh + 1, gw): an edge above row r (r = gh: the bottom)
+    vertical = p[1:-1, :-1] != p[1:-1, 1:]  # (gh, gw + 1): an edge left of column c
+    for r, c in zip(*np.nonzero(horizontal)):
+        y0 = min(max(ys[r] - t // 2, 0), H - t)
+        out[y0 : y0 + t, xs[c] : xs[c + 1]] = color
+    for r, c in zip(*np.nonzero(vertical)):
+        x0 = min(max(xs[c] - t // 2, 0), W - t)
+        out[ys[r] : ys[r + 1], x0 : x0 + t] = color
+    return out
+
+
+def tile_mosaic(
+    tiles: list[np.ndarray], labels: list[str], *, cols: int, gap: int = 8
+) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+    """Equal-size RGB tiles in rows of `cols`, each with its label above it, on white.
+
+    Returns (the picture, each tile's box (x0, y0, x1, y1) in it, in the tiles' order)."""
+    if not tiles:
+        raise ValueError("no tiles")
+    th, tw = tiles[0].shape[:2]
+    rows = -(-len(tiles) // cols)
+    fs = max(0.4, min(1.0, tw / 260))
+    label_h = cv2.getTextSize("Ag", FONT, fs, 1)[0][1] + int(14 * fs) + 4
+    cell_h, cell_w = label_h + th + gap, tw + gap
+    out = np.full((rows * cell_h + gap, cols * cell_w + gap, 3), 255, np.uint8)
+    boxes = []
+    for k, (tile, label) in enumerate(zip(tiles, labels)):
+        r, c = divmod(k, cols)
+        x0, y0 = gap + c * cell_w, gap + r * cell_h + label_h
+        out[y0 : y0 + th, x0 : x0 + tw] = tile
+        put_text(out, label, (x0 + 2, y0 - int(7 * fs) - 2), fs)
+        boxes.append((x0, y0, x0 + tw, y0 + th))
+    return out, boxes
+
+
 def to_png(image: np.ndarray) -> bytes:
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))
     if not ok:

@@ -29,6 +29,7 @@ from viz_app.pipeline import Forward
 
 SCHEMA_VERSION = 1
 FUSIONS = ("mean", "max", "min")
+CLASS_METHODS = ("gradient", "lrp")  # viz_app/results.py CLASS_MAPS
 READOUTS = ("auto", "cls", "dist", "mean", "patches")
 
 
@@ -49,6 +50,11 @@ class Settings:
     grad_rollout: bool = False  # also the gradient rollout (one backward pass)
     grad_class: int | None = None  # its class; None = each image's top-1
     save_attentions: bool = False  # also every attention map (L, H, T, T)
+    mask_tau: float = 0.6  # share of the attention mass each mass-threshold mask keeps (DINO's 0.6)
+    class_method: str = "gradient"  # the class-specific maps: gradient (ICCV 2021) | lrp (CVPR 2021)
+    class_maps: int = 0  # the maps of the top-k classes side by side (0 = none)
+    contrast_classes: tuple[int, int] | None = None  # (A, B) of the contrastive map; None = none
+    high_norm_factor: float = 2.0  # a patch token is high-norm above this x its layer's median patch norm
 
     def __post_init__(self) -> None:
         problems = []
@@ -60,14 +66,24 @@ class Settings:
             problems.append(f"rollout_readout must be one of {READOUTS}")
         if self.rollout_first_layer < 1:
             problems.append("rollout_first_layer counts from 1")
+        if not 0.0 < self.mask_tau <= 1.0:
+            problems.append("mask_tau must be in (0, 1]")
+        if self.class_method not in CLASS_METHODS:
+            problems.append(f"class_method must be one of {CLASS_METHODS}")
+        if self.class_maps < 0:
+            problems.append("class_maps must be 0 or more")
+        if not self.high_norm_factor > 0:
+            problems.append("high_norm_factor must be positive")
         if problems:
             raise ValueError("; ".join(problems))
-        if self.query_patch is not None:
-            object.__setattr__(self, "query_patch", tuple(int(v) for v in self.query_patch))
+        for name in ("query_patch", "contrast_classes"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["query_patch"] = None if self.query_patch is None else list(self.query_patch)
+        for name in ("query_patch", "contrast_classes"):
+            d[name] = None if d[name] is None else list(d[name])
         return d
 
     @classmethod
@@ -126,7 +142,43 @@ SCHEMA: tuple[Field, ...] = (
         "gradient rollout (Chefer et al. ICCV 2021) for grad_class",
         "settings.grad_rollout",
     ),
-    Field("grad_class", "()", "int64", "class index", "the class of grad_rollout", "settings.grad_rollout"),
+    Field(
+        "transformer_attribution",
+        "(gh, gw)",
+        "float32",
+        "relevance (unnormalized)",
+        "Transformer Attribution (Chefer et al. CVPR 2021): LRP relevance of each layer's attention times its "
+        "gradient, positive part, head mean, rolled out with the identity added; for grad_class",
+        "settings.grad_rollout and class_method lrp (the app)",
+    ),
+    Field(
+        "grad_class",
+        "()",
+        "int64",
+        "class index",
+        "the class of grad_rollout or transformer_attribution",
+        "settings.grad_rollout",
+    ),
+    Field(
+        "class_maps",
+        "(k, gh, gw)",
+        "float32",
+        "relevance (unnormalized)",
+        "the class-specific map (settings.class_method) of each of the top-k classes, most probable first",
+        "settings.class_maps > 0 (the app's Classes tab)",
+    ),
+    Field("class_map_classes", "(k,)", "int64", "class index", "the classes of class_maps", "settings.class_maps > 0"),
+    Field(
+        "contrastive_map",
+        "(gh, gw)",
+        "float32",
+        "share of relevance",
+        "class A's map divided by its total minus class B's divided by its total (sums to 0; > 0: more for A)",
+        "settings.contrast_classes (the app's Classes tab)",
+    ),
+    Field(
+        "contrastive_classes", "(2,)", "int64", "class index", "(A, B) of contrastive_map", "settings.contrast_classes"
+    ),
     Field(
         "readout_attention",
         "(L, H, gh, gw)",
@@ -141,6 +193,48 @@ SCHEMA: tuple[Field, ...] = (
         "attention probability",
         "each head's row of the query patch settings.query_patch, as readout_attention",
         "settings.query_patch",
+    ),
+    Field(
+        "head_masks",
+        "(L, H, gh, gw)",
+        "bool",
+        "patch kept",
+        "mass-threshold mask (DINO) of each map of query_attention, else readout_attention: the smallest set of "
+        "patches holding settings.mask_tau of the map's patch mass",
+    ),
+    Field(
+        "rollout_per_layer",
+        "(L, gh, gw)",
+        "float32",
+        "share of read-out attention",
+        "the rollout (settings' fusion, discard and read-out) from layer 1 to each layer; the last equals the "
+        "rollout over all layers",
+    ),
+    Field("rollout_mask", "(gh, gw)", "bool", "patch kept", "mass-threshold mask of rollout at settings.mask_tau"),
+    Field(
+        "mask_iou_heads",
+        "(L, H)",
+        "float32",
+        "IoU in [0, 1]",
+        "pixel IoU of each head_masks mask with the scene's ground-truth target mask",
+        "demo scenes (the app)",
+    ),
+    Field("mask_iou_rollout", "()", "float32", "IoU in [0, 1]", "the same for rollout_mask", "demo scenes (the app)"),
+    Field(
+        "token_budget",
+        "(L, H, P+1)",
+        "float32",
+        "share in [0, 1]",
+        "mean over patch queries of the attention on each prefix token (class, distillation, registers, in "
+        "token order), then on the high-norm patch tokens of the layer's input (last column)",
+    ),
+    Field(
+        "high_norm_patches",
+        "(L, N)",
+        "bool",
+        "patch is high-norm",
+        "patch tokens at each layer's input whose norm exceeds settings.high_norm_factor x the layer's median "
+        "patch-token norm (Darcet et al. 2024)",
     ),
     Field(
         "mean_attention_distance",
@@ -189,6 +283,7 @@ SCHEMA: tuple[Field, ...] = (
     ),
 )
 KEYS = tuple(f.key for f in SCHEMA)
+DTYPES = {f.key: f.dtype for f in SCHEMA}
 
 
 def schema_markdown() -> str:
@@ -258,6 +353,18 @@ def analyze_batch(lm: LoadedModel, fwd: Forward, settings: Settings) -> dict[str
             raise ValueError(f"query patch ({r}, {col}) is outside the {gh}x{gw} grid")
         q = c.num_prefix_tokens + r * gw + col
         out["query_attention"] = A.attention_maps(attn, query=q, drop_prefix=settings.drop_prefix, **kw)
+    shown = out.get("query_attention", out["readout_attention"])
+    out["head_masks"] = A.mass_threshold_mask(shown, settings.mask_tau)
+    per_layer = {k: v for k, v in rollout_options(c, settings).items() if k not in ("start", "end")}
+    out["rollout_per_layer"] = A.rollout_per_layer(attn, **per_layer)
+    out["rollout_mask"] = A.mass_threshold_mask(out["rollout"], settings.mask_tau)
+    out["token_budget"] = A.token_budgets(
+        attn, fwd.token_norms, num_prefix=c.num_prefix_tokens, factor=settings.high_norm_factor
+    )
+    norms = fwd.token_norms[:, :-1]  # (B, L, T): the input of each layer
+    out["high_norm_patches"] = A.token_norm_outliers(
+        norms, num_prefix=c.num_prefix_tokens, factor=settings.high_norm_factor
+    )
     if settings.grad_rollout:
         if fwd.grads is None:
             raise ValueError("settings.grad_rollout needs a forward pass with gradients")
@@ -265,11 +372,7 @@ def analyze_batch(lm: LoadedModel, fwd: Forward, settings: Settings) -> dict[str
         out["grad_class"] = fwd.target
     if settings.save_attentions:
         out["attentions"] = attn
-    arrays = {}
-    for k, v in out.items():
-        v = v.detach().cpu()
-        arrays[k] = v.numpy().astype(np.int64 if k in ("top5_classes", "grad_class") else np.float32, copy=False)
-    return arrays
+    return {k: v.detach().cpu().numpy().astype(DTYPES[k], copy=False) for k, v in out.items()}
 
 
 def versions() -> dict[str, str]:

@@ -81,13 +81,14 @@ class ImageResult:
         self, lm: LoadedModel, settings: report.Settings, grad: tuple[int, np.ndarray] | None = None
     ) -> dict:
         """The report arrays for other settings, from the kept forward pass (no model run). The
-        gradient rollout needs its own backward pass: pass it in as (class, map) (the app caches
-        it per class)."""
+        class-specific map (settings.class_method) needs its own backward pass: pass it in as
+        (class, map) (the app caches it per class)."""
         no_grad = dataclasses.replace(settings, grad_rollout=False, grad_class=None)
         arrays = report.split(report.analyze_batch(lm, self.forward, no_grad), 0)
         if settings.grad_rollout and grad is not None:
             cls, heat = grad
-            arrays["grad_rollout"] = np.asarray(heat, np.float32)
+            key = "grad_rollout" if settings.class_method == "gradient" else "transformer_attribution"
+            arrays[key] = np.asarray(heat, np.float32)
             arrays["grad_class"] = np.array(cls, np.int64)
         arrays["model_view"] = self.prepared.view
         return arrays

@@ -111,7 +111,11 @@ def rollout_settings(ctx: Ctx) -> report.Settings:
         gh, gw = c.grid
         query = (min(max(int(state.read("hd_row")), 0), gh - 1), min(max(int(state.read("hd_col")), 0), gw - 1))
     gclass = state.read("ro_class")
+    method = state.read("ro_method")
     return report.Settings(
+        mask_tau=min(max(float(state.read("mk_tau")), 0.05), 1.0),
+        class_method=method if method in report.CLASS_METHODS else "gradient",
+        high_norm_factor=max(float(state.read("tk_factor")), 1e-3),
         rollout_fusion=fusion if fusion in report.FUSIONS else "mean",
         rollout_discard=min(max(discard, 0.0), 0.95),
         rollout_readout=readout if readout in readout_choices(ctx) else readout_choices(ctx)[0],
@@ -200,13 +204,55 @@ def display_options() -> dict:
     return dict(method=method, cmap=cmap, alpha=alpha)
 
 
-def overlay(ctx: Ctx, heat: np.ndarray, opts: dict, *, on_original: bool = False) -> np.ndarray:
-    """The map over the model's view (or the original upload), 0 to the map's maximum."""
+def overlay(
+    ctx: Ctx,
+    heat: np.ndarray,
+    opts: dict,
+    *,
+    on_original: bool = False,
+    vmax: float | None = None,
+    outline: np.ndarray | None = None,
+) -> np.ndarray:
+    """The map over the model's view (or the original upload), 0 to vmax (default: the map's
+    maximum); `outline`, a patch mask (gh, gw), drawn around its patches on the model's view."""
     kw = dict(method=opts["method"], alpha=opts["alpha"], cmap=opts["cmap"], patch_size=ctx.lm.config.patch_size)
-    kw |= dict(vmin=0.0, vmax=render.finite_max(heat))
+    kw |= dict(vmin=0.0, vmax=render.finite_max(heat) if vmax is None else vmax)
     if on_original:
         return render.overlay_on_original(*render.reduced_original(ctx.original, ctx.result.prepared), heat, **kw)
-    return render.overlay(ctx.result.prepared.view, heat, **kw)
+    img = render.overlay(ctx.result.prepared.view, heat, **kw)
+    return img if outline is None else render.outline_patches(img, outline)
+
+
+def target_mask(ctx: Ctx) -> np.ndarray | None:
+    """The demo scene's ground-truth target mask on the model's input grid (H, W) bool (the same
+    resize and crop as the image), or None when the image has none."""
+    if ctx.scene_mask is None:
+        return None
+    from PIL import Image
+
+    from model.preprocess import prepare_image
+
+    mask = Image.fromarray(np.asarray(ctx.scene_mask, dtype=np.uint8) * 255).convert("RGB")
+    return prepare_image(mask, ctx.lm.preprocessing).view[..., 0] > 127
+
+
+def mask_controls(container=None) -> tuple[bool, float]:
+    """The mass-threshold mask's controls (shared by the Heads and Rollout tabs): show it, and
+    the share of the mass it keeps."""
+    a, b = (container or st).columns([1, 2])
+    with a:
+        show = state.toggle("Mass mask", state.DEFAULTS["mk_show"], key="mk_show", help=MASK_HELP)
+    with b:
+        tau = state.slider(
+            "Share of the mass the mask keeps", 0.05, 1.0, state.DEFAULTS["mk_tau"], key="mk_tau", step=0.05
+        )
+    return show, float(tau)
+
+
+MASK_HELP = (
+    "DINO's mask: the smallest set of patches holding this share of the map's patch mass (0.6 in the DINO "
+    "paper), outlined in " + render.MASK_COLOR_NAME
+)
 
 
 def with_colorbar(image: np.ndarray, heat: np.ndarray, opts: dict, label: str) -> np.ndarray:
@@ -219,12 +265,66 @@ def with_colorbar(image: np.ndarray, heat: np.ndarray, opts: dict, label: str) -
     return np.concatenate([image, bar], axis=1)
 
 
-def show_map(ctx: Ctx, heat: np.ndarray, opts: dict, *, label: str, caption: str, on_original: bool = False):
+def show_map(
+    ctx: Ctx,
+    heat: np.ndarray,
+    opts: dict,
+    *,
+    label: str,
+    caption: str,
+    on_original: bool = False,
+    outline: np.ndarray | None = None,
+):
     """Draw an overlay at a common display size with its colour bar and a caption saying what
     it is, how it was upsampled and what 0 looks like."""
-    img = overlay(ctx, heat, opts, on_original=on_original)
+    img = overlay(ctx, heat, opts, on_original=on_original, outline=outline)
     # small inputs enlarged (nearest) so that the colour bar beside them stays legible
     scale = max(1, int(np.ceil(224 / max(img.shape[:2]))))
     if scale > 1:
         img = np.repeat(np.repeat(img, scale, axis=0), scale, axis=1)
     st.image(with_colorbar(img, heat, opts, label), caption=caption, width="stretch")
+
+
+# Layers in motion (Rollout tab, Download tab): what can play through the layers
+MOTION = {"rollout": "the rollout after each layer", "head": "the Heads tab's head through the layers"}
+MOTION_SIDE = 320  # px: frames of small inputs are enlarged (nearest) to at least this
+
+
+def motion_maps(ctx: Ctx, what: str, s: report.Settings) -> tuple[np.ndarray, list[str], str]:
+    """The maps one animation plays, (L, gh, gw), each frame's label, and the quantity's name.
+
+    rollout: the rollout from layer 1 to each layer (the settings' fusion, discard, read-out);
+    head: the Heads tab's head (hd_head) in every layer, for its query and drop-prefix setting."""
+    c = ctx.lm.config
+    attn = ctx.result.forward.attentions
+    if what == "rollout":
+        options = {k: v for k, v in report.rollout_options(c, s).items() if k not in ("start", "end")}
+        maps = A.rollout_per_layer(attn, **options)[0].numpy()
+        labels = [f"Rollout, layer{f's 1-{i + 1}' if i else ' 1'} of {c.depth}" for i in range(c.depth)]
+        return maps, labels, "rollout"
+    head = min(max(int(state.read("hd_head") or 1), 1), c.num_heads)
+    query = None
+    if s.query_patch is not None:
+        query = c.num_prefix_tokens + s.query_patch[0] * c.grid[1] + s.query_patch[1]
+    maps = A.attention_maps(
+        attn[0, :, head - 1], query=query, readout_tokens=c.readout_tokens, drop_prefix=s.drop_prefix, **ctx.kw
+    ).numpy()
+    who = "read-out" if query is None else f"patch {s.query_patch[0]},{s.query_patch[1]}"
+    labels = [f"Layer {i + 1}/{c.depth}, head {head}, {who}" for i in range(c.depth)]
+    return maps, labels, "attention"
+
+
+def motion_frames(ctx: Ctx, maps: np.ndarray, labels: list[str], opts: dict, quantity: str) -> list[np.ndarray]:
+    """One picture per map: its label above, the overlay (each frame from 0 to its own maximum)
+    and its colour bar; all the same size. The page plays these and the exports write them."""
+    frames = []
+    for heat, label in zip(maps, labels):
+        img = overlay(ctx, heat, opts)
+        k = max(1, int(np.ceil(MOTION_SIDE / max(img.shape[:2]))))
+        if k > 1:
+            img = np.repeat(np.repeat(img, k, axis=0), k, axis=1)
+        body = with_colorbar(img, heat, opts, quantity)
+        band = np.full((34, body.shape[1], 3), 255, np.uint8)
+        render.put_text(band, label, (6, 23), 0.55)
+        frames.append(np.concatenate([band, body]))
+    return frames

@@ -6,12 +6,29 @@ Layers and heads are counted from 1 on this tab; patch rows and columns from 0.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import streamlit as st
+import torch
 
 from viz_app import analysis as A
 from viz_app import figures, render
 from viz_app.tabs import state
-from viz_app.tabs.common import NO_TOOLBAR, Ctx, chart_key, clicked_points, clicked_tile, next_chart
+from viz_app.tabs.common import (
+    NO_TOOLBAR,
+    Ctx,
+    chart_key,
+    clicked_points,
+    clicked_tile,
+    display_settings,
+    mask_controls,
+    next_chart,
+    overlay,
+    target_mask,
+)
+
+MIN_TILE = 160  # px: per-head overlays of small inputs are enlarged (nearest) to at least this
 
 
 def on_patch_click(patch_size: int, grid: tuple[int, int]) -> None:
@@ -36,6 +53,100 @@ def on_tile_click(heads: int) -> None:
     tile = clicked_tile(points, heads)
     if tile is not None:
         st.session_state.update(hd_layer=tile[0] + 1, hd_head=tile[1] + 1)
+
+
+def on_overlay_click(cols: int, heads: int) -> None:
+    """Callback of the per-head overlays: the clicked head becomes the selected one."""
+    points = clicked_points(chart_key("hd_overlays"))
+    next_chart("hd_overlays")
+    tile = clicked_tile(points, cols)
+    if tile is not None and tile[0] * cols + tile[1] < heads:
+        st.session_state["hd_head"] = tile[0] * cols + tile[1] + 1
+
+
+def overlay_columns(heads: int) -> int:
+    """Tiles per row of the per-head overlays: 6 heads in rows of 3, 12 in rows of 4, 16 in rows of 4."""
+    return min(heads, max(3, math.ceil(math.sqrt(heads))))
+
+
+def head_overlays(
+    ctx: Ctx,
+    maps: np.ndarray,
+    *,
+    shared: bool,
+    masks: np.ndarray | None,
+    labels: list[str],
+    opts: dict,
+) -> tuple[np.ndarray, list[tuple[int, int, int, int]], int]:
+    """One layer's maps (H, gh, gw) over the model's view, as labelled tiles with one colour bar
+    (each map from 0 to its own maximum, or all from 0 to the layer's maximum), each mask
+    (H, gh, gw) outlined. -> (picture, tile boxes, tiles per row)."""
+    top = render.finite_max(maps)
+    tiles = []
+    for h, heat in enumerate(maps):
+        img = overlay(ctx, heat, opts, vmax=top if shared else None, outline=None if masks is None else masks[h])
+        k = max(1, math.ceil(MIN_TILE / max(img.shape[:2])))
+        tiles.append(np.repeat(np.repeat(img, k, axis=0), k, axis=1) if k > 1 else img)
+    cols = overlay_columns(len(tiles))
+    mosaic, boxes = render.tile_mosaic(tiles, labels, cols=cols)
+    if opts["method"] == "paper":
+        bar = render.colorbar(mosaic.shape[0], cmap="inferno", vmin=0.0, vmax=1.0, label="mask (share of max)")
+    elif shared:
+        bar = render.colorbar(mosaic.shape[0], cmap=opts["cmap"], vmin=0.0, vmax=top, label="attention")
+    else:
+        bar = render.colorbar(mosaic.shape[0], cmap=opts["cmap"], vmin=0.0, vmax=1.0, label="share of each map's max")
+    return np.concatenate([mosaic, bar], axis=1), boxes, cols
+
+
+def per_head_section(ctx: Ctx, maps: np.ndarray, layer: int, head: int, who: str, shared: bool) -> None:
+    """Every head of one layer over the image (DINO's visualize_attention), one click to select a
+    head, each head's mass-threshold mask outlined, and its IoU with a demo scene's target."""
+    c = ctx.lm.config
+    show, tau = mask_controls()
+    layer_maps = maps[layer - 1]  # (H, gh, gw)
+    masks = A.mass_threshold_mask(torch.from_numpy(layer_maps), tau).numpy()
+    target = target_mask(ctx)
+    ious = A.mask_iou(masks, target, c.patch_size) if target is not None else None
+    labels = [f"head {h + 1}" + (f"  IoU {ious[h]:.2f}" if ious is not None else "") for h in range(c.num_heads)]
+    picture, boxes, cols = head_overlays(
+        ctx, layer_maps, shared=shared, masks=masks if show else None, labels=labels, opts=display_settings()
+    )
+    hover = [
+        f"head {h + 1}: largest attention {render.finite_max(layer_maps[h], 0.0, default=float('nan')):.4f}, "
+        f"mask {int(masks[h].sum())} patches" + (f", IoU {ious[h]:.3f}" if ious is not None else "")
+        for h in range(c.num_heads)
+    ]
+    st.markdown(f"**Layer {layer}, every head over the image: attention of {who}** (click a head to select it)")
+    st.plotly_chart(
+        figures.clickable_tiles(picture, boxes, hover=hover, selected=head - 1),
+        key=chart_key("hd_overlays"),
+        on_select=lambda: on_overlay_click(cols, c.num_heads),
+        selection_mode="points",
+        config=NO_TOOLBAR,
+    )
+    scale = "all heads from 0 to the layer's largest value" if shared else "each head from 0 to its own maximum"
+    st.caption(
+        f"Colour scale: {scale} (the grid colour scale below). "
+        + (
+            f"Outlined in {render.MASK_COLOR_NAME}: the patches holding {tau:.0%} of each map's patch mass. "
+            if show
+            else ""
+        )
+        + ("IoU: the mask against the scene's target, pixel by pixel. " if ious is not None else "")
+        + "Upsampling, colour map and opacity as set on the Rollout tab."
+    )
+    table = {
+        "head": list(range(1, c.num_heads + 1)),
+        "largest attention": [
+            float(v)
+            for v in np.nanmax(np.where(np.isfinite(layer_maps), layer_maps, np.nan).reshape(c.num_heads, -1), axis=1)
+        ],
+        "patches in mask": [int(v) for v in masks.reshape(c.num_heads, -1).sum(axis=1)],
+    }
+    if ious is not None:
+        table["mask IoU"] = [float(v) for v in ious]
+    with st.expander(f"Per-head numbers of layer {layer}"):
+        st.dataframe(table, hide_index=True, key="hd_table")
 
 
 def query_selector(ctx: Ctx) -> int | None:
@@ -113,6 +224,7 @@ def draw(ctx: Ctx) -> None:
         key="hd_scale",
         help="per map: each tile from 0 to its own maximum; shared: all tiles from 0 to the largest value",
     )
+    per_head_section(ctx, maps, layer, head, who, shared=scale != "per map")
     tiles = render.share_of_max(maps, shared=scale != "per map")
     bar = "share of each map's max" if scale == "per map" else f"share of {render.finite_max(maps):.3g}"
     st.markdown(f"**Every layer and head: attention of {who}** (click a tile to show it large)")
