@@ -479,3 +479,48 @@ def test_clicking_a_tile_of_the_layer_head_grid_shows_it_large(page):
     wait_idle(page)
     assert page.locator("[data-testid='stException']").count() == 0
     assert big_map_title(page).startswith("Layer 2, head 4: ")
+
+
+def test_clicking_a_head_of_the_per_head_overlays_selects_it(page):
+    """The per-head overlays render as one picture with a click target per head; a click on the
+    third tile makes head 3 the selected head (the large map and the Head select follow)."""
+    open_tab(page, "Heads")
+    assert big_map_title(page).startswith("Layer 6, head 1: ")
+    xy = page.evaluate(
+        """() => {
+          const gd = [...document.querySelectorAll('.js-plotly-plot')].find(
+              g => g._fullData && g._fullData.length === 2 && g._fullData[0].type === 'image'
+                   && g._fullData[0].source);  // the patch picker draws its pixels (z), not a PNG
+          gd.scrollIntoView({block: 'center'});
+          const t = gd._fullData[1], fl = gd._fullLayout, i = 2;  // the third head
+          const r = gd.getBoundingClientRect();
+          return [t.x.length, r.left + fl.xaxis._offset + fl.xaxis.d2p(t.x[i]),
+                  r.top + fl.yaxis._offset + fl.yaxis.d2p(t.y[i])];
+        }"""
+    )
+    assert xy[0] == 6  # the demo model's six heads, one tile each
+    tiles = page.locator("[data-testid='stPlotlyChart']").filter(has=page.locator(".imagelayer image")).first
+    assert tiles.bounding_box()["height"] > 200  # drawn, not an empty frame
+    page.mouse.click(xy[1], xy[2])
+    wait_idle(page)
+    assert page.locator("[data-testid='stException']").count() == 0
+    assert big_map_title(page).startswith("Layer 6, head 3: ")
+    assert "hd_head=3" in page.url  # the kept setting (and a copied link) follow
+    page.screenshot(path=str(ARTIFACTS / "per_head_overlays.png"), full_page=False)
+
+
+def test_layers_in_motion_plays(page):
+    """Play moves the animation's slider through the layers on its own."""
+    open_tab(page, "Rollout")
+    page.get_by_text("Layers in motion").first.scroll_into_view_if_needed()
+    active = """() => {
+      const gd = [...document.querySelectorAll('.js-plotly-plot')].find(g => g._fullLayout && g._fullLayout.sliders
+          && g._fullLayout.sliders.length);
+      return gd._fullLayout.sliders[0].active;
+    }"""
+    assert page.evaluate(active) == 0
+    page.get_by_text("Play", exact=True).last.click()
+    deadline = time.monotonic() + 15
+    while page.evaluate(active) == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert page.evaluate(active) > 0

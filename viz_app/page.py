@@ -178,11 +178,13 @@ def choose_model(device: str, dtype: str) -> tuple[str, LoadedModel] | None:
     return None
 
 
-# Ten tabs in one row beside the sidebar at 1024 px: a narrower page margin (48 px instead of 80)
-# and tab gap (8 px instead of 16). Layout only; nothing else of the theme changes.
+# Twelve tabs in one row beside the sidebar at 1024 px: a narrower page margin (32 px instead of
+# 80), tab gap (6 px instead of 16) and tab labels at 13 px instead of 14. Layout only; nothing
+# else of the theme changes.
 LAYOUT_CSS = """<style>
-[data-testid="stMainBlockContainer"] { padding-left: 3rem; padding-right: 3rem; }
-[role="tablist"] { gap: 0.5rem; }
+[data-testid="stMainBlockContainer"] { padding-left: 2rem; padding-right: 2rem; }
+[role="tablist"] { gap: 0.375rem; }
+[role="tab"] p { font-size: 0.8125rem; }
 </style>"""
 
 
