@@ -11,6 +11,7 @@ from .attention import (
     mass_threshold_mask,
     readout_rows,
 )
+from .classes import contrastive_map, relevance_share
 from .distance import mean_attention_distance, patch_distances, prefix_mass_share
 from .faithfulness import curve_auc, mean_ci, removal_counts, removal_order, spearman, ssim
 from .filters import filter_pca
@@ -31,6 +32,7 @@ __all__ = [
     "attention_rollout",
     "attention_to_patch",
     "compare_position_embeddings",
+    "contrastive_map",
     "curve_auc",
     "filter_pca",
     "fuse_heads",
@@ -43,6 +45,7 @@ __all__ = [
     "position_similarity",
     "prefix_mass_share",
     "readout_rows",
+    "relevance_share",
     "removal_counts",
     "removal_order",
     "rollout_per_layer",
