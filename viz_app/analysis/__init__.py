@@ -24,13 +24,14 @@ from .posembed import (
     similarity_tiles,
 )
 from .rollout import attention_rollout, fuse_heads, gradient_rollout, rollout_per_layer
-from .tokens import token_norm_outliers
+from .tokens import budget_names, token_budgets, token_norm_outliers
 
 __all__ = [
     "attention_entropy",
     "attention_maps",
     "attention_rollout",
     "attention_to_patch",
+    "budget_names",
     "compare_position_embeddings",
     "contrastive_map",
     "curve_auc",
@@ -54,5 +55,6 @@ __all__ = [
     "similarity_tiles",
     "spearman",
     "ssim",
+    "token_budgets",
     "token_norm_outliers",
 ]
