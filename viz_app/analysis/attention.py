@@ -87,8 +87,9 @@ def attention_to_patch(attn: Tensor, *, num_prefix: int, grid: tuple[int, int], 
 def mass_threshold_mask(maps: Tensor, tau: float = 0.6) -> Tensor:
     """DINO-style mask: the smallest set of patches holding a share tau of each map's mass.
 
-    maps: (..., gh, gw), non-negative. Returns a bool tensor of the same shape. A map with a NaN
-    or infinite value has no defined mass share: its mask is empty (all False).
+    maps: (..., gh, gw), non-negative. Returns a bool tensor of the same shape. Among equal values
+    at the cut, the patch first in row-major order is kept first. A map with a NaN or infinite
+    value has no defined mass share: its mask is empty (all False).
     """
     if not 0 < tau <= 1:
         raise ValueError(f"tau must be in (0, 1], got {tau}")
@@ -98,7 +99,7 @@ def mass_threshold_mask(maps: Tensor, tau: float = 0.6) -> Tensor:
     if (flat < 0).any():
         raise ValueError("mass threshold needs non-negative maps")
     flat = _renorm(flat)
-    vals, idx = flat.sort(dim=-1, descending=True)
+    vals, idx = flat.sort(dim=-1, descending=True, stable=True)  # ties: the first in row-major order first
     before = vals.cumsum(dim=-1) - vals  # mass of the patches ranked above each one
     keep_sorted = (before < tau - 1e-7) & finite
     mask = torch.zeros_like(keep_sorted).scatter(-1, idx, keep_sorted)
