@@ -100,7 +100,17 @@ def test_default_page_has_every_tab():
     at = run_app()
     no_problems(at)
     labels = [t.label for t in at.tabs]
-    assert labels[:7] == ["Overview", "Heads", "Rollout", "Embeddings", "Distance", "Compare", "Download"]
+    assert labels[:9] == [
+        "Overview",
+        "Heads",
+        "Rollout",
+        "Classes",
+        "Tokens",
+        "Embeddings",
+        "Distance",
+        "Compare",
+        "Download",
+    ]
     assert len(at.get("image")) >= 2
     for label in labels:
         open_tab(at, label)
