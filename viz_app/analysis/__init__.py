@@ -15,6 +15,7 @@ from .classes import contrastive_map, relevance_share
 from .distance import mean_attention_distance, patch_distances, prefix_mass_share
 from .faithfulness import curve_auc, mean_ci, removal_counts, removal_order, spearman, ssim
 from .filters import filter_pca
+from .masks import DEFAULT_TAU, mask_iou, mask_ious, patch_mask_pixels
 from .posembed import (
     compare_position_embeddings,
     neighbour_contrast,
@@ -27,6 +28,7 @@ from .rollout import attention_rollout, fuse_heads, gradient_rollout, rollout_pe
 from .tokens import budget_names, token_budgets, token_norm_outliers
 
 __all__ = [
+    "DEFAULT_TAU",
     "attention_entropy",
     "attention_maps",
     "attention_rollout",
@@ -38,11 +40,14 @@ __all__ = [
     "filter_pca",
     "fuse_heads",
     "gradient_rollout",
+    "mask_iou",
+    "mask_ious",
     "mass_threshold_mask",
     "mean_attention_distance",
     "mean_ci",
     "neighbour_contrast",
     "patch_distances",
+    "patch_mask_pixels",
     "position_similarity",
     "prefix_mass_share",
     "readout_rows",

@@ -8,6 +8,11 @@ lie inside the mask?) and energy (map mass inside the mask divided by the mask's
 Maps: attention rollout (paper settings, the same code the app shows), last-layer class-token
 attention (mean of heads), gradient rollout for the true class, a centre prior, a random map,
 and the rollout of the same architecture with re-initialized weights (Adebayo et al. 2018).
+
+Masks as in DINO (Caron et al. 2021): each of those maps, and each head's read-out attention in every
+layer, is cut to the smallest set of patches holding a share tau = 0.6 of its mass
+(viz_app.analysis.mass_threshold_mask) and scored by its IoU in pixels with the target mask
+(viz_app.analysis.mask_ious).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from viz_app.pipeline import run_forward
 
 TEST_SEED = 7_777_777  # never used in training (training batches use SeedSequence([seed, step]))
 MAPS = ("rollout", "last_layer_cls", "grad_rollout", "centre_prior", "random", "reinit_rollout")
+MASK_TAU = A.DEFAULT_TAU  # the share of each map's mass its mask keeps (DINO's 0.6)
 
 
 patch_masks = patch_shares  # (B, S, S) bool -> (B, gh, gw) share of each patch inside the mask
@@ -44,6 +50,12 @@ POINTING_RULES = {
     "pointing_strict": "strict: a hit when the centre pixel of the patch where the map is highest lies inside "
     "the target (for an even patch size, the pixel just below and right of the exact centre)",
 }
+MASK_IOU_RULE = (
+    "IoU in pixels of the map's mass-threshold mask (the smallest set of patches holding a share tau of the map's "
+    "mass, ties at the threshold broken in row-major order; each kept patch covers its patch_size x patch_size "
+    "pixels) with the scene's target mask, averaged over the scenes; a scene where both masks are empty (IoU "
+    "undefined) is left out of the mean and counted in undefined_cases"
+)
 
 
 def _argmax_patch(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -103,6 +115,19 @@ class SceneMaps:
     preds: np.ndarray
     pmask: np.ndarray
     maps: dict[str, np.ndarray]
+    head_maps: np.ndarray | None = None  # (B, L, H, gh, gw) each head's read-out row over the patches
+
+
+def _mean_defined(parts: list[np.ndarray]) -> tuple[np.ndarray, int]:
+    """Scenes first (B, ...) parts -> (mean over the scenes where the value is defined, NaN where none is;
+    the number of undefined (NaN) values left out)."""
+    v = np.concatenate(parts)
+    ok = ~np.isnan(v)
+    total = np.where(ok, v, 0.0).sum(axis=0)
+    count = ok.sum(axis=0)
+    mean = np.full(total.shape, np.nan)
+    np.divide(total, count, out=mean, where=count > 0)
+    return mean, int((~ok).sum())
 
 
 def scene_maps(lm: LoadedModel, images: np.ndarray, labels: np.ndarray, masks: np.ndarray, reinit, rng) -> SceneMaps:
@@ -120,7 +145,20 @@ def scene_maps(lm: LoadedModel, images: np.ndarray, labels: np.ndarray, masks: n
     maps = {k: v.cpu().numpy() for k, v in maps.items()}
     maps["centre_prior"] = np.broadcast_to(centre_prior(c.grid), (len(images), *c.grid))
     maps["random"] = rng.random((len(images), *c.grid))
-    return SceneMaps(labels, fwd.logits.argmax(-1).cpu().numpy(), patch_masks(masks, c.patch_size), maps)
+    # the app's readout_attention: each head's read-out row, prefix columns left out, not renormalized
+    heads = A.attention_maps(fwd.attentions, **kw).float().cpu().numpy()  # (B, L, H, gh, gw)
+    return SceneMaps(labels, fwd.logits.argmax(-1).cpu().numpy(), patch_masks(masks, c.patch_size), maps, heads)
+
+
+def mask_scores(sm: SceneMaps, masks: np.ndarray, patch_size: int, tau: float = MASK_TAU) -> dict[str, np.ndarray]:
+    """Per-scene mask IoUs of one batch: each map of sm.maps (B,), each head sm.head_maps (B, L, H), and the
+    target's own patch-share map sm.pmask (B,), a reference: the best a map can do at this tau.
+
+    masks: (B, S, S) bool target masks on the model's input grid (S = grid * patch_size)."""
+    out = {k: A.mask_ious(m, masks, patch_size, tau) for k, m in sm.maps.items()}
+    out["target_shares"] = A.mask_ious(sm.pmask, masks, patch_size, tau)
+    out["heads"] = A.mask_ious(sm.head_maps, masks[:, None, None], patch_size, tau)
+    return out
 
 
 def score(lm: LoadedModel, *, n: int = 2000, seed: int = TEST_SEED, batch: int = 100) -> dict:
@@ -130,6 +168,7 @@ def score(lm: LoadedModel, *, n: int = 2000, seed: int = TEST_SEED, batch: int =
     rng = np.random.default_rng(seed)
     correct = 0
     hits, strict, energies = ({k: [] for k in MAPS} for _ in range(3))
+    ious: dict[str, list[np.ndarray]] = {k: [] for k in (*MAPS, "target_shares", "heads")}
     for i in range(0, n, batch):
         images, labels, masks = make_batch(np.random.SeedSequence([seed, i]), min(batch, n - i), size=c.image_size[0])
         sm = scene_maps(lm, images, labels, masks, reinit, rng)
@@ -138,12 +177,15 @@ def score(lm: LoadedModel, *, n: int = 2000, seed: int = TEST_SEED, batch: int =
             hits[k].append(pointing(m, sm.pmask))
             strict[k].append(pointing_strict(m, masks, c.patch_size))
             energies[k].append(energy(m, sm.pmask))
+        for k, v in mask_scores(sm, masks, c.patch_size).items():
+            ious[k].append(v)
     pos = lm.model.pos_embed.detach().float().cpu()[0, c.pos_embed_prefix :]
     sim = A.position_similarity(pos)
     try:
         contrast = A.neighbour_contrast(sim, c.grid, far=4)
     except ValueError:  # grids too small to have patches 4 apart (smoke models)
         contrast = float("nan")
+    means = {k: _mean_defined(v) for k, v in ious.items()}
     return {
         "scenes": n,
         "seed": seed,
@@ -153,6 +195,15 @@ def score(lm: LoadedModel, *, n: int = 2000, seed: int = TEST_SEED, batch: int =
         "pointing_rules": dict(POINTING_RULES),
         "energy": {k: float(np.concatenate(v).mean()) for k, v in energies.items()},
         "pos_embed_neighbour_contrast": contrast,
+        "mask_iou": {
+            "tau": MASK_TAU,
+            "maps": {k: float(means[k][0]) for k in MAPS},
+            # heads[l][h]: head h + 1 of layer l + 1, its read-out (class-token) attention over the patches
+            "heads": means["heads"][0].tolist(),
+            "target_shares": float(means["target_shares"][0]),
+            "undefined_cases": sum(n for _, n in means.values()),
+            "rule": MASK_IOU_RULE,
+        },
     }
 
 
@@ -178,11 +229,25 @@ def check_targets(s: dict) -> dict[str, bool]:
 
 def format_scores(s: dict) -> str:
     lines = [f"scenes: {s['scenes']} (seed {s['seed']})", f"top-1 accuracy: {s['top1_accuracy']:.4f}", ""]
-    lines.append(f"{'map':<16} {'pointing':>9} {'strict':>9} {'energy':>8}")
+    mk = s["mask_iou"]
+    iou = f"IoU@{mk['tau']:g}"
+    lines.append(f"{'map':<16} {'pointing':>9} {'strict':>9} {'energy':>8} {iou:>9}")
     for k in MAPS:
-        lines.append(f"{k:<16} {s['pointing'][k]:>9.4f} {s['pointing_strict'][k]:>9.4f} {s['energy'][k]:>8.3f}")
+        lines.append(
+            f"{k:<16} {s['pointing'][k]:>9.4f} {s['pointing_strict'][k]:>9.4f} {s['energy'][k]:>8.3f}"
+            f" {mk['maps'][k]:>9.4f}"
+        )
     lines.append("")
     lines += [f"pointing game, {POINTING_RULES[k]}." for k in ("pointing", "pointing_strict")]
+    lines.append(f"{iou}: {mk['rule']} (tau = {mk['tau']:g}; undefined cases: {mk['undefined_cases']}).")
+    lines.append("")
+    heads = mk["heads"]
+    lines.append(f"mask {iou} of each head's read-out attention (rows: layers, columns: heads, from 1)")
+    lines.append(f"{'layer':<6}" + "".join(f"{f'h{h + 1}':>8}" for h in range(len(heads[0]))))
+    lines += [f"{layer + 1:<6}" + "".join(f"{v:>8.4f}" for v in row) for layer, row in enumerate(heads)]
+    (bl, bh), best = best_head(mk)
+    lines.append(f"best head: layer {bl}, head {bh} ({best:.4f})")
+    lines.append(f"reference, the target's own patch-share map: {mk['target_shares']:.4f}")
     lines.append("")
     lines.append(
         f"position-embedding neighbour contrast (neighbours - 4+ apart): {s['pos_embed_neighbour_contrast']:.4f}"
@@ -191,6 +256,63 @@ def format_scores(s: dict) -> str:
     for k, ok in check_targets(s).items():
         lines.append(f"{'PASS' if ok else 'FAIL'}  {k}")
     return "\n".join(lines)
+
+
+def best_head(mask_iou: dict) -> tuple[tuple[int, int], float]:
+    """((layer, head) counted from 1, IoU) of the head with the highest mean mask IoU in score()'s mask_iou
+    (ties: the first in layer, then head order; NaN heads are skipped; ((0, 0), NaN) when every head is NaN)."""
+    heads = np.asarray(mask_iou["heads"], dtype=np.float64)
+    if np.isnan(heads).all():
+        return (0, 0), float("nan")
+    i = int(np.nanargmax(heads))
+    layer, head = divmod(i, heads.shape[1])
+    return (layer + 1, head + 1), float(heads[layer, head])
+
+
+def mask_card_section(s: dict, patch_size: int) -> str:
+    """The model card's mask IoU subsection (markdown): rollout and each head of the last layer, the best
+    head of any layer, the other maps, and the references that tell what a number is worth."""
+    mk = s["mask_iou"]
+    tau, heads, maps = mk["tau"], mk["heads"], mk["maps"]
+    L = len(heads)
+    (bl, bh), best = best_head(mk)
+    rows = [("attention rollout (paper settings)", maps["rollout"])]
+    rows += [(f"layer {L} (last), head {h + 1}: read-out attention", v) for h, v in enumerate(heads[-1])]
+    rows += [
+        (f"layer {L}, mean of the heads (last_layer_cls)", maps["last_layer_cls"]),
+        (f"best head of any layer: layer {bl}, head {bh}", best),
+        ("gradient rollout (true class)", maps["grad_rollout"]),
+        ("centre prior (trivial: one mask for every scene)", maps["centre_prior"]),
+        ("random map", maps["random"]),
+        ("rollout of the re-initialized model", maps["reinit_rollout"]),
+        ("the target's own patch-share map (reference)", mk["target_shares"]),
+    ]
+    table = "\n".join(f"| {name} | {v:.3f} |" for name, v in rows)
+    above = sum(v > maps["centre_prior"] for v in heads[-1])
+    n = mk["undefined_cases"]
+    undefined = (
+        "No scene had an empty union."
+        if n == 0
+        else f"{n} (scene, map) pairs had an empty union (IoU undefined) and are left out of their means."
+    )
+    return f"""### Masks (as in DINO), tau = {tau:g}
+Each map is cut to the smallest set of patches holding a share tau = {tau:g} of its mass (Caron et
+al. 2021, `visualize_attention.py`; `viz_app.analysis.mass_threshold_mask`, ties at the threshold
+broken in row-major order), each kept patch covers its {patch_size}x{patch_size} pixels, and the mask is compared
+with the scene's target mask by IoU in pixels (intersection over union), averaged over the
+{s["scenes"]} scenes. {undefined} A head's map is its read-out (class-token) row over the patches, prefix
+columns left out, as the app's Heads tab shows it; per-head values for every layer are in scores.json
+(`mask_iou.heads`, layers and heads from 0 there).
+
+| mask at tau = {tau:g} | IoU |
+|---|---|
+{table}
+
+How to judge them: the centre prior's mask, the same central patches for every scene, is what
+knowing nothing about the image gets; {above} of the {len(heads[-1])} heads of the last layer score above it. Even a perfect map does not reach 1: the mask keeps
+only the patches holding {tau:.0%} of the mass, and patches are coarser than the target's edge; the
+last row thresholds the target itself (each patch's share of target pixels) in the same way.
+"""
 
 
 def model_card(lm: LoadedModel, s: dict, training: dict) -> str:
@@ -204,6 +326,7 @@ def model_card(lm: LoadedModel, s: dict, training: dict) -> str:
         f"| {k} | {s['pointing'][k]:.3f} | {s['pointing_strict'][k]:.3f} | {s['energy'][k]:.2f} |" for k in MAPS
     )
     targets = "\n".join(f"- {'met' if v else 'NOT met'}: {k}" for k, v in ok.items())
+    masks = mask_card_section(s, c.patch_size)
     if c.linear_patch_embed:
         intro = "A plain Vision Transformer as in Dosovitskiy et al. (2021)"
         embedding, stem_note = "linear patch embedding", " No convolutional stem."
@@ -279,6 +402,7 @@ for the true class, a centre prior, a random map, and the rollout of the model w
 re-initialized (the last step of the cascading model randomization of Adebayo et al. 2018, seed 0;
 the app's Sanity tab shows every step for any model and image).
 
+{masks}
 Whether each map is what the model uses (deletion and insertion curves in two removal modes, and
 the rollout's decorrelation as blocks are re-initialized, over 500 scenes) is reported in the
 repository's docs/evaluation/ (`vit-lens evaluate --model demo --scenes 500`).
