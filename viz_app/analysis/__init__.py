@@ -15,6 +15,7 @@ from .classes import contrastive_map, relevance_share
 from .distance import mean_attention_distance, patch_distances, prefix_mass_share
 from .faithfulness import curve_auc, mean_ci, removal_counts, removal_order, spearman, ssim
 from .filters import filter_pca
+from .lrp import transformer_attribution
 from .masks import DEFAULT_TAU, mask_iou, mask_ious, patch_mask_pixels
 from .posembed import (
     compare_position_embeddings,
@@ -62,4 +63,5 @@ __all__ = [
     "ssim",
     "token_budgets",
     "token_norm_outliers",
+    "transformer_attribution",
 ]
