@@ -13,9 +13,11 @@ import dataclasses
 import io
 import json
 import math
+import tempfile
 import warnings
 from pathlib import Path
 
+import cv2
 import numpy as np
 import plotly.io as pio
 import pytest
@@ -148,6 +150,20 @@ def check_downloads(at: AppTest, media: dict[str, bytes]) -> int:
         name = b.proto.label
         if data[:8] == b"\x89PNG\r\n\x1a\n":
             Image.open(io.BytesIO(data)).load()
+        elif data[:6] in (b"GIF87a", b"GIF89a"):
+            im = Image.open(io.BytesIO(data))
+            for k in range(im.n_frames):  # every frame decodes
+                im.seek(k)
+                im.load()
+        elif data[4:8] == b"ftyp":  # MP4: every frame decodes
+            with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
+                f.write(data)
+                f.flush()
+                cap = cv2.VideoCapture(f.name)
+                frames = 0
+                while cap.read()[0]:
+                    frames += 1
+                assert frames > 0, name
         elif data[:2] == b"PK":
             with np.load(io.BytesIO(data), allow_pickle=False) as z:
                 strict_json(str(z["report_json"]))
@@ -172,7 +188,10 @@ def test_every_tab_survives_a_nonfinite_checkpoint_with_one_warning(variant, mod
             lambda: at.radio(key="hd_query").set_value("patch"),
             lambda: at.radio(key="hd_scale").set_value("shared"),
         ],
-        "Rollout": [lambda m=m: at.selectbox(key="ro_up").set_value(m) for m in ("bilinear", "paper", "nearest")],
+        "Rollout": [lambda m=m: at.selectbox(key="ro_up").set_value(m) for m in ("bilinear", "paper", "nearest")]
+        + [lambda: at.radio(key="mo_what").set_value("head")],
+        "Classes": [lambda: at.slider(key="cl_k").set_value(2)],
+        "Tokens": [],
         "Embeddings": [],
         "Distance": [],
         "Compare": [],

@@ -35,7 +35,8 @@ def budgets_by_loop(
     out = np.zeros((L, H, P + 1))
     for layer in range(L):
         patch_norms = [float(norms[layer, t]) for t in range(P, T)]
-        median = sorted(patch_norms)[(len(patch_norms) - 1) // 2]  # the lower middle value for an even count
+        ranked, n = sorted(patch_norms), len(patch_norms)
+        median = ranked[n // 2] if n % 2 else (ranked[n // 2 - 1] + ranked[n // 2]) / 2  # even: the two middles' mean
         high = [P + n for n, v in enumerate(patch_norms) if v > factor * median]
         if queries == "patches":
             rows = list(range(P, T))
@@ -83,7 +84,7 @@ def test_budgets_match_the_loop_definition(queries, P, readout):
 
 
 def test_budgets_of_rows_that_do_not_sum_to_one_are_shares():
-    attn, norms = random_case(1, P=1, N=12)  # N even: torch's median is the lower middle value
+    attn, norms = random_case(1, P=1, N=12)  # N even: the median is the mean of the two middle values
     scaled = attn * torch.linspace(0.3, 3.0, attn.shape[-2])[:, None]  # each query row its own total
     got = A.token_budgets(scaled, norms, num_prefix=1, factor=1.5)
     want = budgets_by_loop(scaled.double().numpy(), norms.double().numpy(), 1, 1.5, "patches", (0,))

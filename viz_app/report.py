@@ -55,6 +55,7 @@ class Settings:
     class_maps: int = 0  # the maps of the top-k classes side by side (0 = none)
     contrast_classes: tuple[int, int] | None = None  # (A, B) of the contrastive map; None = none
     high_norm_factor: float = 2.0  # a patch token is high-norm above this x its layer's median patch norm
+    budget_queries: str = "patches"  # whose attention token_budget averages: patches | readout | all
 
     def __post_init__(self) -> None:
         problems = []
@@ -74,6 +75,8 @@ class Settings:
             problems.append("class_maps must be 0 or more")
         if not self.high_norm_factor > 0:
             problems.append("high_norm_factor must be positive")
+        if self.budget_queries not in A.tokens.QUERIES:
+            problems.append(f"budget_queries must be one of {A.tokens.QUERIES}")
         if problems:
             raise ValueError("; ".join(problems))
         for name in ("query_patch", "contrast_classes"):
@@ -225,8 +228,9 @@ SCHEMA: tuple[Field, ...] = (
         "(L, H, P+1)",
         "float32",
         "share in [0, 1]",
-        "mean over patch queries of the attention on each prefix token (class, distillation, registers, in "
-        "token order), then on the high-norm patch tokens of the layer's input (last column)",
+        "mean over the queries settings.budget_queries names (default: the patch queries) of the attention on "
+        "each prefix token (class, distillation, registers, in token order), then on the high-norm patch tokens "
+        "of the layer's input (last column)",
     ),
     Field(
         "high_norm_patches",
@@ -359,7 +363,12 @@ def analyze_batch(lm: LoadedModel, fwd: Forward, settings: Settings) -> dict[str
     out["rollout_per_layer"] = A.rollout_per_layer(attn, **per_layer)
     out["rollout_mask"] = A.mass_threshold_mask(out["rollout"], settings.mask_tau)
     out["token_budget"] = A.token_budgets(
-        attn, fwd.token_norms, num_prefix=c.num_prefix_tokens, factor=settings.high_norm_factor
+        attn,
+        fwd.token_norms,
+        num_prefix=c.num_prefix_tokens,
+        factor=settings.high_norm_factor,
+        queries=settings.budget_queries,
+        readout_tokens=c.readout_tokens,
     )
     norms = fwd.token_norms[:, :-1]  # (B, L, T): the input of each layer
     out["high_norm_patches"] = A.token_norm_outliers(

@@ -18,14 +18,20 @@ HIGH_NORM_NAME = "high-norm patches"
 
 
 def token_norm_outliers(norms: Tensor, *, num_prefix: int, factor: float = 2.0) -> Tensor:
-    """Patch tokens whose norm exceeds `factor` x the median patch-token norm of their layer.
+    """Patch tokens whose norm exceeds `factor` x the median patch-token norm of their layer (for
+    an even number of patches, the mean of the two middle norms).
 
     norms: (..., L+1, T) -> bool (..., L+1, N) over patch tokens.
     """
     if factor <= 0:
         raise ValueError(f"factor must be positive, got {factor}")
     patches = norms[..., num_prefix:].float()
-    median = patches.median(dim=-1, keepdim=True).values
+    # the median of an even count is the mean of the two middle values (torch.median would take
+    # the lower one); a NaN norm makes it NaN, so that no patch of that layer is flagged
+    ranked = patches.sort(dim=-1).values
+    N = ranked.shape[-1]
+    median = (ranked[..., (N - 1) // 2 : (N - 1) // 2 + 1] + ranked[..., N // 2 : N // 2 + 1]) / 2
+    median = median.masked_fill(patches.isnan().any(dim=-1, keepdim=True), float("nan"))
     return patches > factor * median
 
 

@@ -99,7 +99,9 @@ class Ctx:
 
 
 def rollout_settings(ctx: Ctx) -> report.Settings:
-    """The report settings as the Rollout and Heads tabs have them now (defaults where never set)."""
+    """The report settings as the tabs have them now (defaults where never set): the Rollout and
+    Heads tabs' rollout, query and masks, the class-specific maps' method, the Tokens tab's
+    high-norm factor and queries."""
     c = ctx.lm.config
     layers = state.read("ro_layers") or (1, c.depth)
     first, last = sorted(max(1, min(int(v), c.depth)) for v in layers)
@@ -112,10 +114,14 @@ def rollout_settings(ctx: Ctx) -> report.Settings:
         query = (min(max(int(state.read("hd_row")), 0), gh - 1), min(max(int(state.read("hd_col")), 0), gw - 1))
     gclass = state.read("ro_class")
     method = state.read("ro_method")
+    from viz_app.tabs import tokens  # the Tokens tab's settings, clamped as that tab does (it imports this module)
+
+    factor, queries = tokens.settings()
     return report.Settings(
         mask_tau=min(max(float(state.read("mk_tau")), 0.05), 1.0),
         class_method=method if method in report.CLASS_METHODS else "gradient",
-        high_norm_factor=max(float(state.read("tk_factor")), 1e-3),
+        high_norm_factor=factor,
+        budget_queries=queries,
         rollout_fusion=fusion if fusion in report.FUSIONS else "mean",
         rollout_discard=min(max(discard, 0.0), 0.95),
         rollout_readout=readout if readout in readout_choices(ctx) else readout_choices(ctx)[0],

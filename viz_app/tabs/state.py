@@ -68,9 +68,14 @@ KEPT: dict[str, type] = {
     "cl_a": int,  # Classes: contrastive map, class A
     "cl_b": int,  # Classes: contrastive map, class B
     "tk_factor": float,  # Tokens: high-norm patch = norm above this x the layer's median patch norm
+    "tk_queries": str,  # Tokens: whose attention is averaged, patches | readout | all
+    "tk_layer": int,  # Tokens: the layer whose high-norm patches are drawn on the image
     # Compare (per-head maps, rollouts and distances of both models)
-    "cmp_layer": int,
-    "cmp_head": int,
+    "cmp_layer": int,  # the first model's layer; the second model's is at the same relative depth
+    "cmp_head": int,  # the first model's head, shown large
+    "cmp_head_b": int,  # the second model's head, shown large
+    "cmp_scale": str,  # colour scale of both models' maps: per map | shared
+    "cmp_conv": str,  # mean attention distance convention: as_is | renormalized
 }
 
 # Defaults of the values that more than one tab reads (and of the widgets that set them, which
@@ -107,9 +112,13 @@ DEFAULTS: dict[str, Any] = {
     "cl_a": None,  # None = the top-1 class
     "cl_b": None,  # None = the top-2 class
     "tk_factor": 2.0,
+    "tk_queries": "patches",
     # Compare
     "cmp_layer": None,  # 1-based; None = each model's last layer
     "cmp_head": 1,
+    "cmp_head_b": 1,
+    "cmp_scale": "per map",
+    "cmp_conv": "as_is",
 }
 
 
@@ -173,7 +182,18 @@ def _clamp(v, lo, hi):
     return min(max(v, lo), hi)
 
 
+def _only_value(label: str, value, key: str, container=None):
+    """A slider with one possible value (a one-layer model's layer): Streamlit refuses min == max,
+    so the value is written as text and kept."""
+    st.session_state[key] = value
+    (container or st).caption(f"{label}: {value[0]}-{value[1]}" if isinstance(value, tuple) else f"{label}: {value}")
+    return value
+
+
 def slider(label: str, lo, hi, default, *, key: str, **kw):
+    if lo == hi:
+        return _only_value(label, lo, key)
+
     def ok(v):
         return isinstance(v, int | float) and lo <= v <= hi
 
@@ -186,6 +206,9 @@ def slider(label: str, lo, hi, default, *, key: str, **kw):
 
 
 def range_slider(label: str, lo: int, hi: int, default: tuple[int, int], *, key: str, **kw) -> tuple[int, int]:
+    if lo == hi:
+        return _only_value(label, (lo, hi), key)
+
     def ok(v):
         return isinstance(v, tuple | list) and len(v) == 2 and lo <= v[0] <= v[1] <= hi
 
