@@ -291,3 +291,34 @@ def test_shipped_card_shows_the_mask_iou_table_of_scores_json(demo):
     # the whole card is what model_card writes from these scores: nothing edited by hand, nothing stale
     training = json.loads((DEMO_DIR / "config.json").read_text()).get("training", {})
     assert ev.model_card(demo, scores, training) == card
+
+
+def test_sanity_scores_text_states_the_mask_iou():
+    from viz_app.tabs.sanity import scores_text
+
+    scores = json.loads((DEMO_DIR / "scores.json").read_text())
+    mk = scores["mask_iou"]
+    text = scores_text(scores)
+    assert "Mask IoU" in text and "60%" in text
+    for k in ("rollout", "last_layer_cls", "centre_prior"):
+        assert f" {mk['maps'][k]:.2f}" in text
+    old = {k: v for k, v in scores.items() if k != "mask_iou"}  # a scores.json from before the masks
+    assert "Mask IoU" not in scores_text(old)
+
+
+@pytest.mark.skipif(not (DEMO_DIR / "scores.json").is_file(), reason="demo model not installed")
+def test_sanity_tab_shows_the_mask_iou_of_scores_json():
+    """AppTest: the Sanity tab of the embedded demo model shows the mask IoUs of assets/demo/scores.json."""
+    from test_app import no_problems, open_tab, run_app
+
+    mk = json.loads((DEMO_DIR / "scores.json").read_text())["mask_iou"]
+    at = run_app()
+    open_tab(at, "Sanity")
+    no_problems(at)
+    shown = [md.value for md in at.markdown if "Mask IoU" in md.value]
+    assert len(shown) == 1
+    want = (
+        f"rollout {mk['maps']['rollout']:.2f}, last-layer heads' mean {mk['maps']['last_layer_cls']:.2f}, "
+        f"centre prior {mk['maps']['centre_prior']:.2f}."
+    )
+    assert want in shown[0]

@@ -41,6 +41,13 @@ def scores_text(scores: dict) -> str:
         f"Rollout energy {scores['energy']['rollout']:.2f}; position-embedding neighbour contrast "
         f"{scores['pos_embed_neighbour_contrast']:.2f}."
     )
+    mk = scores.get("mask_iou")
+    if mk:
+        parts.append(
+            f"Mask IoU with the target (smallest set of patches holding {mk['tau']:.0%} of the map's mass, as in "
+            f"DINO): rollout {mk['maps']['rollout']:.2f}, last-layer heads' mean {mk['maps']['last_layer_cls']:.2f}, "
+            f"centre prior {mk['maps']['centre_prior']:.2f}."
+        )
     return " ".join(parts)
 
 
