@@ -392,3 +392,31 @@ def test_download_report_and_files_hold_the_new_views(media):
     assert mp4[4:8] == b"ftyp"
     png = download(at, media, "every head over the image")
     assert Image.open(io.BytesIO(png)).size[0] >= 1024
+
+
+@pytest.fixture(scope="module")
+def one_layer_model(tmp_path_factory) -> Path:
+    """One layer, one head, two classes: every slider over layers, heads or classes has one value."""
+    from safetensors.torch import save_file
+
+    cfg = ViTConfig(image_size=32, patch_size=16, embed_dim=16, depth=1, num_heads=1, mlp_dim=32, num_classes=2)
+    m = VisionTransformer(cfg)
+    m.init_weights(seed=0)
+    folder = tmp_path_factory.mktemp("one")
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"format": "vit-lens", "config": cfg.to_dict()}))
+    return folder
+
+
+@pytest.mark.app
+def test_every_tab_draws_a_one_layer_one_head_model(one_layer_model):
+    at = AppTest.from_file(APP, default_timeout=300).run()
+    at.radio(key="main_kind").set_value("Path or hub id").run()
+    at.text_input(key="main_path").set_value(str(one_layer_model)).run()
+    at.button(key="main_load").click().run()
+    from viz_app.tabs import TABS
+
+    for label in TABS:
+        open_tab(at, label)
+    open_tab(at, "Heads")
+    assert any(c.value == "Layer: 1" for c in at.caption)
