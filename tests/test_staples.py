@@ -420,3 +420,22 @@ def test_every_tab_draws_a_one_layer_one_head_model(one_layer_model):
         open_tab(at, label)
     open_tab(at, "Heads")
     assert any(c.value == "Layer: 1" for c in at.caption)
+
+
+@pytest.mark.app
+def test_download_with_a_second_model_holds_the_compare_views(one_layer_model, media):
+    at = demo_scene_app()
+    open_tab(at, "Compare")
+    at.radio(key="cmp_kind").set_value("Path or hub id").run()
+    at.text_input(key="cmp_path").set_value(str(one_layer_model)).run()
+    at.button(key="cmp_load").click().run()
+    open_tab(at, "Download")
+    arrays, meta = report.read_report(download(at, media, "Report (NPZ)"))
+    other = load_checkpoint(one_layer_model)
+    assert arrays["compare_readout_attention_b"].shape == (1, 1, *other.config.grid)
+    assert arrays["compare_mean_attention_distance_b"].shape == (1, 1)
+    assert list(arrays["compare_layers"]) == [6, 1]  # the last layer of each
+    assert set(meta["keys"]) >= {"compare_rollout_b", "compare_grad_class_b"}
+    for label in ("Compare: rollouts", "Compare: per-head maps", "Compare: attention distance"):
+        png = download(at, media, label)
+        assert Image.open(io.BytesIO(png)).size[0] >= 1024
