@@ -209,7 +209,8 @@ def _embed(model: VisionTransformer, pixels: Tensor, dt: torch.dtype) -> Tensor:
     """VisionTransformer.embed, functionally in dtype dt: pixels (B, 3, H, W) -> tokens (B, T, C)."""
     c = model.config
     if tuple(pixels.shape[-2:]) != c.image_size:
-        raise ValueError(f"input is {tuple(pixels.shape[-2:])} but the model is configured for {c.image_size}")
+        (h, w), (mh, mw) = pixels.shape[-2:], c.image_size
+        raise ValueError(f"input is {h}x{w} but the model is configured for {mh}x{mw}")
     pe = model.patch_embed
     x = pixels.to(dt)
     for layer in pe.stem if pe.stem is not None else ():
@@ -369,7 +370,9 @@ def lrp_trace(model: VisionTransformer, pixels: Tensor, target: Tensor, *, heads
         raise ValueError(f"target classes must be (B,) = ({pixels.shape[0]},) in 0..{num_classes - 1}")
     dt = torch.float64 if model.pos_embed.dtype == torch.float64 else torch.float32
     L = len(model.blocks)
+    # a caller in inference mode gets the same: the graph is built outside it, from copies
     with torch.inference_mode(False), model.kernel_precision():
+        target = target.clone()
         with torch.no_grad():
             x = _embed(model, pixels, dt)
         # the graph starts at the tokens (not at the parameters: they are read detached), so that
