@@ -154,6 +154,26 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--rollout-layers", default=None, metavar="FIRST-LAST", help="1-based, inclusive (e.g. 4-12)")
     a.add_argument("--query-patch", default=None, metavar="ROW,COL", help="also each head's map for this patch query")
     a.add_argument("--drop-prefix", action="store_true", default=None, help="per-head maps renormalized over patches")
+    a.add_argument(
+        "--class-method",
+        choices=report.CLASS_METHODS,
+        default=None,
+        help="the class-specific maps: gradient (gradient rollout, ICCV 2021, the default) or lrp (Transformer "
+        "Attribution, CVPR 2021)",
+    )
+    a.add_argument(
+        "--class-maps", type=int, default=None, metavar="K", help="also the maps of each image's top-K classes"
+    )
+    a.add_argument(
+        "--contrast", type=int, nargs=2, default=None, metavar=("A", "B"), help="also the contrastive map A minus B"
+    )
+    a.add_argument("--mask-tau", type=float, default=None, help="share of the mass the masks keep (default 0.6)")
+    a.add_argument(
+        "--high-norm-factor", type=float, default=None, help="high-norm patch: norm above this x the median (2)"
+    )
+    a.add_argument(
+        "--budget-queries", choices=A.tokens.QUERIES, default=None, help="whose attention token_budget averages"
+    )
     a.add_argument("--image-size", type=int, default=None, help="run at another resolution (resamples positions)")
     a.add_argument("--out", required=True, type=Path, help="output folder")
     a.add_argument(
@@ -585,7 +605,9 @@ class BatchAnalyzer:
 
     def __init__(self, lm: LoadedModel, settings: report.Settings, batch_size: int) -> None:
         self.lm, self.settings, self.batch_size = lm, settings, batch_size
-        self.gradients = settings.grad_rollout
+        # the forward pass keeps gradients for the gradient rollout only; LRP and the class maps
+        # make their own passes (report.class_arrays)
+        self.gradients = settings.grad_rollout and settings.class_method == "gradient"
         self.block = None
 
     def __call__(self, pixels: torch.Tensor) -> list[dict[str, np.ndarray]]:
@@ -602,7 +624,7 @@ class BatchAnalyzer:
         else:
             x = pixels.to(lm.device, lm.dtype)
         fwd = run_forward(lm.model, x, gradients=self.gradients, target=target, attention_out=maps)
-        arrays = report.analyze_batch(lm, fwd, self.settings)
+        arrays = report.analyze_batch(lm, fwd, self.settings) | report.class_arrays(lm, x, fwd, self.settings)
         return [report.split(arrays, b) for b in range(n)]
 
 
@@ -650,8 +672,13 @@ def settings_for_model(settings: report.Settings, c) -> report.Settings:
         raise UsageError(f"--query-patch {settings.query_patch} is outside the {c.grid[0]}x{c.grid[1]} patch grid")
     if settings.grad_class is not None and c.num_classes and not 0 <= settings.grad_class < c.num_classes:
         raise UsageError(f"--grad-class {settings.grad_class} is outside the model's classes 0-{c.num_classes - 1}")
+    if settings.contrast_classes is not None and c.num_classes:
+        if not all(0 <= v < c.num_classes for v in settings.contrast_classes) or len(settings.contrast_classes) != 2:
+            raise UsageError(f"--contrast {settings.contrast_classes} needs two classes in 0-{c.num_classes - 1}")
     if not (settings.grad_rollout and c.num_classes > 0):
         settings = dataclasses.replace(settings, grad_rollout=False, grad_class=None)
+    if not c.num_classes:
+        settings = dataclasses.replace(settings, class_maps=0, contrast_classes=None)
     return settings
 
 
@@ -720,6 +747,12 @@ def settings_from_args(args: argparse.Namespace) -> report.Settings:
         "rollout_readout": args.rollout_readout,
         "drop_prefix": args.drop_prefix,
         "grad_class": args.grad_class,
+        "class_method": args.class_method,
+        "class_maps": args.class_maps,
+        "contrast_classes": args.contrast,
+        "mask_tau": args.mask_tau,
+        "high_norm_factor": args.high_norm_factor,
+        "budget_queries": args.budget_queries,
     }
     d |= {k: v for k, v in flags.items() if v is not None}
     if args.grad_rollout or args.grad_class is not None:
@@ -880,7 +913,7 @@ def _analyze(
     start = time.monotonic()
     c = lm.config
     settings = settings_for_model(settings, c)
-    gradients = settings.grad_rollout
+    gradients = settings.grad_rollout or bool(settings.class_maps) or settings.contrast_classes is not None
     batch_size = min(args.batch_size, len(files))
     check_memory(lm, batch_size, gradients=gradients, per_image_bytes=3 * OVERLAY_MAX_PIXELS)
     model_meta = report.model_meta(lm, str(args.model))

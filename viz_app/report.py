@@ -25,7 +25,7 @@ from torch import Tensor
 
 from model.weights.load import LoadedModel
 from viz_app import analysis as A
-from viz_app.pipeline import Forward
+from viz_app.pipeline import Forward, run_forward
 
 SCHEMA_VERSION = 1
 FUSIONS = ("mean", "max", "min")
@@ -486,6 +486,52 @@ def analyze_batch(lm: LoadedModel, fwd: Forward, settings: Settings) -> dict[str
         out["grad_class"] = fwd.target
     if settings.save_attentions:
         out["attentions"] = attn
+    return {k: v.detach().cpu().numpy().astype(DTYPES[k], copy=False) for k, v in out.items()}
+
+
+def class_maps(lm: LoadedModel, pixels: Tensor, target: Tensor, method: str) -> Tensor:
+    """The class-specific map of `method` (CLASS_METHODS) for each image's class, (B, gh, gw):
+    gradient rollout from one forward and backward pass, or Transformer Attribution (LRP)."""
+    c = lm.config
+    if method == "gradient":
+        fwd = run_forward(lm.model, pixels, gradients=True, target=target)
+        kw = dict(num_prefix=c.num_prefix_tokens, grid=c.grid, readout_tokens=c.readout_tokens)
+        return A.gradient_rollout(fwd.attentions, fwd.grads, **kw)
+    if method == "lrp":
+        return A.transformer_attribution(lm.model, pixels, target)
+    raise ValueError(f"class_method must be one of {CLASS_METHODS}, got {method!r}")
+
+
+def class_arrays(lm: LoadedModel, pixels: Tensor, fwd: Forward, settings: Settings) -> dict[str, np.ndarray]:
+    """The class-specific arrays analyze_batch cannot make from a forward pass alone (each class
+    is another backward pass), batch first: transformer_attribution (settings.grad_rollout with
+    class_method lrp; analyze_batch makes grad_rollout itself), class_maps of each image's top-k
+    classes and the contrastive map of settings.contrast_classes. pixels (B, 3, H, W) on the
+    model's device and dtype; fwd its forward pass. {} for a model without a classifier."""
+    if fwd.logits is None:
+        return {}
+    B = len(pixels)
+    device = pixels.device
+    out: dict[str, Tensor] = {}
+    if settings.grad_rollout and settings.class_method == "lrp":
+        target = fwd.target if fwd.target is not None else fwd.logits.argmax(-1)
+        if settings.grad_class is not None:
+            target = torch.full((B,), settings.grad_class, dtype=torch.long)
+        out["transformer_attribution"] = class_maps(lm, pixels, target.to(device), "lrp")
+        out["grad_class"] = target
+    if settings.class_maps:
+        k = min(settings.class_maps, fwd.logits.shape[-1])
+        top = fwd.logits.float().softmax(-1).topk(k, dim=-1).indices  # (B, k), most probable first
+        maps = [class_maps(lm, pixels, top[:, j].to(device), settings.class_method) for j in range(k)]
+        out["class_maps"] = torch.stack(maps, dim=1)
+        out["class_map_classes"] = top
+    if settings.contrast_classes is not None:
+        pair = [
+            class_maps(lm, pixels, torch.full((B,), cls, dtype=torch.long, device=device), settings.class_method)
+            for cls in settings.contrast_classes
+        ]
+        out["contrastive_map"] = A.contrastive_map(*pair)
+        out["contrastive_classes"] = torch.tensor(settings.contrast_classes).expand(B, 2)
     return {k: v.detach().cpu().numpy().astype(DTYPES[k], copy=False) for k, v in out.items()}
 
 
