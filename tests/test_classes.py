@@ -26,7 +26,6 @@ from viz_app.sidebar import gallery
 from viz_app.tabs import classes as T
 from viz_app.tabs.common import Ctx
 
-HAS_LRP = hasattr(A, "transformer_attribution")
 OPTS = {"method": "nearest", "cmap": colormaps.DEFAULT_SEQUENTIAL, "alpha": 0.55}  # the Rollout tab's defaults
 
 
@@ -471,7 +470,6 @@ def test_a_broken_classifier_draws_no_value_and_does_not_fail(models):
 
 
 @pytest.mark.app
-@pytest.mark.skipif(not HAS_LRP, reason="viz_app.analysis.transformer_attribution is not in this build yet")
 def test_the_tab_shows_transformer_attribution(models, media):
     at = open_tab(start(models["classifier"]), "Classes")
     at.selectbox(key="ro_method").set_value("lrp").run()
@@ -481,13 +479,3 @@ def test_the_tab_shows_transformer_attribution(models, media):
     lm, view, probs, class_map = reference(models["classifier"], at, "lrp")
     order = np.argsort(-probs, kind="stable")
     check_page(at, media, view, probs, class_map, k=3, a=int(order[0]), b=int(order[1]))
-
-
-@pytest.mark.app
-@pytest.mark.skipif(HAS_LRP, reason="Transformer Attribution is in this build")
-def test_without_the_lrp_module_the_tab_says_so(models):
-    at = open_tab(start(models["classifier"]), "Classes")
-    assert at.selectbox(key="ro_method").options == [results.CLASS_MAPS[m] for m in results.CLASS_MAPS]
-    at.selectbox(key="ro_method").set_value("lrp").run()
-    ok(at)
-    assert any("not available" in i.value for i in at.info)

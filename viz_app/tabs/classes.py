@@ -40,12 +40,6 @@ def has_classifier(ctx: Ctx) -> bool:
     return ctx.lm.config.num_classes > 0 and ctx.result.probs is not None
 
 
-def method_ready(method: str) -> bool:
-    """Whether the method can run in this build: Transformer Attribution (lrp) needs
-    viz_app.analysis.transformer_attribution."""
-    return method in CLASS_MAPS and (method != "lrp" or hasattr(A, "transformer_attribution"))
-
-
 def _method(value) -> str:
     return value if value in CLASS_MAPS else state.DEFAULTS["ro_method"]
 
@@ -115,7 +109,7 @@ def report_arrays(ctx: Ctx) -> dict[str, np.ndarray]:
     int64 (most probable first), contrastive_map (gh, gw) float32 and contrastive_classes (2,) int64
     (A, B). Empty for a model without a classifier or a method this build cannot run."""
     method, classes, (a, b) = chosen(ctx)
-    if not classes or not method_ready(method):
+    if not classes:
         return {}
     maps = class_maps(ctx, method, classes)
     return {
@@ -294,7 +288,7 @@ def downloads(ctx: Ctx) -> dict[str, tuple[str, bytes]]:
     maps side by side on their one scale (titles under the maps), and the contrastive map. Empty
     for a model without a classifier or a method this build cannot run."""
     method, classes, (a, b) = chosen(ctx)
-    if not classes or not method_ready(method):
+    if not classes:
         return {}
     opts = display_settings()
     maps = class_maps(ctx, method, classes)
@@ -438,9 +432,6 @@ def draw(ctx: Ctx) -> None:
         return
     controls(ctx)
     method = _method(state.read("ro_method"))
-    if not method_ready(method):
-        st.info(f"{CLASS_MAPS[method]} is not available in this build; choose {CLASS_MAPS['gradient']}.")
-        return
     opts = display_settings()
     busy = st.empty()
     top_box = st.container()
