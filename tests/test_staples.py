@@ -439,3 +439,62 @@ def test_download_with_a_second_model_holds_the_compare_views(one_layer_model, m
     for label in ("Compare: rollouts", "Compare: per-head maps", "Compare: attention distance"):
         png = download(at, media, label)
         assert Image.open(io.BytesIO(png)).size[0] >= 1024
+
+
+@pytest.mark.app
+def test_rollout_tab_shows_transformer_attribution(media):
+    """The class-specific map with method lrp is transformer_attribution's map: its download's
+    report array, and the picture's patch colours."""
+    at = demo_scene_app()
+    at.session_state["ro_alpha"] = 1.0
+    open_tab(at, "Rollout")
+    at.selectbox(key="ro_method").set_value("lrp").run()
+    at.selectbox(key="ro_class").set_value(2).run()
+    assert not at.exception
+    lm, fwd, target = demo_forward()
+    x = prepare_image(load_image(SCENES_DIR / "3_star.png"), lm.preprocessing).pixels[None]
+    want = A.transformer_attribution(lm.model, x, torch.tensor([2]))[0].numpy()
+    titles = [m.value for m in at.markdown]
+    assert any("Transformer Attribution" in t for t in titles)
+    captions = [i.caption for el in at.get("image") for i in el.proto.imgs]
+    assert any(t.startswith(f"For '{lm.labels[2]}'") for t in captions)
+    open_tab(at, "Download")
+    arrays, meta = report.read_report(download(at, media, "Report (NPZ)"))
+    assert meta["settings"]["class_method"] == "lrp" and "grad_rollout" not in arrays
+    np.testing.assert_allclose(arrays["transformer_attribution"], want, rtol=1e-4, atol=1e-4 * want.max())
+    assert int(arrays["grad_class"]) == 2
+    assert any(b.proto.label == "Transformer Attribution overlay" for b in at.get("download_button"))
+
+
+def test_cli_class_maps_contrast_and_lrp_equal_the_functions(tmp_path):
+    from viz_app.cli import main as cli_main
+
+    images = [SCENES_DIR / "3_star.png", SCENES_DIR / "0_circle.png"]
+    out = tmp_path / "out"
+    argv = ["analyze", "--model", "demo", "--out", str(out), "--batch-size", "2"]
+    argv += ["--grad-rollout", "--class-method", "lrp", "--class-maps", "2", "--contrast", "1", "4"]
+    argv += ["--mask-tau", "0.5", "--budget-queries", "readout", *map(str, images)]
+    assert cli_main(argv) == 0
+    lm = load_checkpoint(DEMO_DIR)
+    c = lm.config
+    for path in images:
+        arrays, meta = report.read_report((out / f"{path.stem}.npz").read_bytes())
+        assert meta["settings"]["class_method"] == "lrp" and meta["settings"]["mask_tau"] == 0.5
+        x = prepare_image(load_image(path), lm.preprocessing).pixels[None]
+        fwd = run_forward(lm.model, x)
+        top = fwd.logits[0].softmax(-1).topk(2).indices
+        np.testing.assert_array_equal(arrays["class_map_classes"], top.numpy())
+        for j, cls in enumerate(top.tolist()):
+            want = A.transformer_attribution(lm.model, x, torch.tensor([cls]))[0].numpy()
+            np.testing.assert_allclose(arrays["class_maps"][j], want, rtol=1e-3, atol=2e-3 * want.max())
+        a, b = (A.transformer_attribution(lm.model, x, torch.tensor([k]))[0].numpy() for k in (1, 4))
+        np.testing.assert_allclose(arrays["contrastive_map"], a / a.sum() - b / b.sum(), atol=2e-4)
+        assert list(arrays["contrastive_classes"]) == [1, 4]
+        top1 = int(fwd.logits[0].argmax())
+        want = A.transformer_attribution(lm.model, x, torch.tensor([top1]))[0].numpy()
+        np.testing.assert_allclose(arrays["transformer_attribution"], want, rtol=1e-3, atol=2e-3 * want.max())
+        assert "grad_rollout" not in arrays
+        budget = A.token_budgets(fwd.attentions, fwd.token_norms, num_prefix=1, queries="readout")[0].numpy()
+        np.testing.assert_allclose(arrays["token_budget"], budget, atol=1e-6)
+        readout = A.attention_maps(fwd.attentions[0], num_prefix=1, grid=c.grid)
+        np.testing.assert_array_equal(arrays["head_masks"], A.mass_threshold_mask(readout, 0.5).numpy())

@@ -479,7 +479,7 @@ def analyze_batch(lm: LoadedModel, fwd: Forward, settings: Settings) -> dict[str
     out["high_norm_patches"] = A.token_norm_outliers(
         norms, num_prefix=c.num_prefix_tokens, factor=settings.high_norm_factor
     )
-    if settings.grad_rollout:
+    if settings.grad_rollout and settings.class_method == "gradient":  # lrp: class_arrays
         if fwd.grads is None:
             raise ValueError("settings.grad_rollout needs a forward pass with gradients")
         out["grad_rollout"] = A.gradient_rollout(attn, fwd.grads, **kw)
