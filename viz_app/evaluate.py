@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollout-layers", default=None, metavar="FIRST-LAST", help="1-based, inclusive (e.g. 4-12)")
     # what cli.settings_from_args reads and evaluate has no flag for
     p.set_defaults(grad_rollout=False, grad_class=None, save_attentions=False, query_patch=None, drop_prefix=None)
+    p.set_defaults(**dict.fromkeys(("class_method", "class_maps", "contrast", "mask_tau", "high_norm_factor"), None))
+    p.set_defaults(budget_queries=None)
     return p
 
 
