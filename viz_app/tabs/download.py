@@ -241,7 +241,10 @@ def draw(ctx: Ctx) -> None:
         mime="application/json",
         key="dl_json",
     )
-    st.markdown("**Figures** (PNG, at least 1024 px on the long side, with title and colour bar)")
+    st.markdown(
+        "**Figures** (PNG, at least 1024 px on the long side, with title and colour bar) and the layers in motion "
+        "(GIF and MP4, the frames the Rollout tab plays)"
+    )
     cols = st.columns(2)  # two a row: the labels stay whole at 1024 px
     files = {name: (label, data, "image/png") for name, (label, data) in figures_png(ctx, rep).items()}
     files |= animations(ctx, rep)
