@@ -438,9 +438,14 @@ def analyze_batch(lm: LoadedModel, fwd: Forward, settings: Settings) -> dict[str
     c = lm.config
     attn = fwd.attentions  # (B, L, H, T, T)
     kw = dict(num_prefix=c.num_prefix_tokens, grid=c.grid, readout_tokens=c.readout_tokens)
+    options = rollout_options(c, settings)
+    per_layer = {k: v for k, v in options.items() if k not in ("start", "end")}
+    rollouts = A.rollout_per_layer(attn, **per_layer)  # (B, L, gh, gw): from layer 1 to each layer
+    whole = options["start"] == 0 and options["end"] == c.depth - 1  # then the last one is the rollout
     out: dict[str, Tensor] = {
         "features": fwd.features,
-        "rollout": A.attention_rollout(attn, **rollout_options(c, settings)),
+        "rollout": rollouts[:, -1] if whole else A.attention_rollout(attn, **options),
+        "rollout_per_layer": rollouts,
         "readout_attention": A.attention_maps(attn, drop_prefix=settings.drop_prefix, **kw),
         **_distances(attn, lm),
         "attention_entropy": A.attention_entropy(attn),
@@ -464,8 +469,6 @@ def analyze_batch(lm: LoadedModel, fwd: Forward, settings: Settings) -> dict[str
         out["query_attention"] = A.attention_maps(attn, query=q, drop_prefix=settings.drop_prefix, **kw)
     shown = out.get("query_attention", out["readout_attention"])
     out["head_masks"] = A.mass_threshold_mask(shown, settings.mask_tau)
-    per_layer = {k: v for k, v in rollout_options(c, settings).items() if k not in ("start", "end")}
-    out["rollout_per_layer"] = A.rollout_per_layer(attn, **per_layer)
     out["rollout_mask"] = A.mass_threshold_mask(out["rollout"], settings.mask_tau)
     out["token_budget"] = A.token_budgets(
         attn,
