@@ -92,6 +92,18 @@ def test_every_figure_is_a_valid_plotly_figure():
         figures.token_norm_map(rng.random((3, 6)), rng.random((3, 6)) > 0.7, num_prefix=1, prefix_names=("cls",)),
         figures.mad_scatter_figure(maps[0, :, :, 0] * 100, prefix_share=maps[1, :, :, 0]),
         figures.tile_figure(maps, row_name="layer", col_name="head", colorbar_title="x", title="t", selected=(1, 1)),
+        figures.clickable_tiles(
+            rng.integers(0, 255, (60, 90, 3)).astype(np.uint8),
+            [(0, 0, 40, 40), (45, 0, 85, 40)],
+            hover=["head 1", "head 2"],
+            selected=1,
+        ),
+        figures.animation(
+            [rng.integers(0, 255, (30, 40, 3)).astype(np.uint8) for _ in range(3)],
+            ["1", "2", "3"],
+            fps=2,
+            slider_name="layer",
+        ),
     ]
     for fig in made:
         spec = fig.to_dict()

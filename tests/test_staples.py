@@ -310,7 +310,7 @@ def test_per_head_overlays_show_the_layer_maps_masks_and_ious():
             for col in range(gw):
                 got = picture[y0 + r * cell + cell // 2, x0 + col * cell + cell // 2].astype(int)
                 want = lut[int(maps[h, r, col] / maps[h].max() * 255 + 0.5)]
-                assert np.abs(got - want).max() <= 2, (h, r, col)
+                assert np.abs(got - want).max() <= 4, (h, r, col)  # the page sends JPEG (quality 95, 4:4:4)
     assert "IoU" in spec["data"][1]["text"][0]
 
 
@@ -341,7 +341,7 @@ def test_rollout_tab_masks_and_motion_frames_match_the_functions():
         for r, col in [(0, 0), (5, 6), (11, 11), (3, 9)]:
             got = pic[band + r * cell + cell // 2, col * cell + cell // 2].astype(int)
             want = lut[int(per_layer[e, r, col] / per_layer[e].max() * 255 + 0.5)]
-            assert np.abs(got - want).max() <= 2, (e, r, col)
+            assert np.abs(got - want).max() <= 4, (e, r, col)
     assert any("GIF" in b.proto.label for b in at.get("download_button"))
 
 

@@ -25,6 +25,7 @@ from viz_app.tabs.common import (
     mask_controls,
     next_chart,
     overlay,
+    result_slot,
     target_mask,
 )
 
@@ -98,29 +99,50 @@ def head_overlays(
     return np.concatenate([mosaic, bar], axis=1), boxes, cols
 
 
-def per_head_section(ctx: Ctx, maps: np.ndarray, layer: int, head: int, who: str, shared: bool) -> None:
+def per_head_section(ctx: Ctx, maps: np.ndarray, layer: int, head: int, who: str, shared: bool, query) -> None:
     """Every head of one layer over the image (DINO's visualize_attention), one click to select a
-    head, each head's mass-threshold mask outlined, and its IoU with a demo scene's target."""
+    head, each head's mass-threshold mask outlined, and its IoU with a demo scene's target. The
+    picture is made once per layer and settings (a head change only moves the frame)."""
     c = ctx.lm.config
     show, tau = mask_controls()
-    layer_maps = maps[layer - 1]  # (H, gh, gw)
-    masks = A.mass_threshold_mask(torch.from_numpy(layer_maps), tau).numpy()
-    target = target_mask(ctx)
-    ious = A.mask_iou(masks, target, c.patch_size) if target is not None else None
-    labels = [f"head {h + 1}" + (f"  IoU {ious[h]:.2f}" if ious is not None else "") for h in range(c.num_heads)]
-    picture, boxes, cols = head_overlays(
-        ctx, layer_maps, shared=shared, masks=masks if show else None, labels=labels, opts=display_settings()
-    )
-    hover = [
-        f"head {h + 1}: largest attention {render.finite_max(layer_maps[h], 0.0, default=float('nan')):.4f}, "
-        f"mask {int(masks[h].sum())} patches" + (f", IoU {ious[h]:.3f}" if ious is not None else "")
-        for h in range(c.num_heads)
-    ]
+    opts = display_settings()
+    key = ("head_overlays", ctx.source, str(ctx.lm.device), ctx.lm.precision, ctx.image_digest, layer, query)
+    slot = result_slot(key + (bool(state.read("hd_drop")), shared, show, tau, tuple(opts.items())))
+    if "source" not in slot:
+        layer_maps = maps[layer - 1]  # (H, gh, gw)
+        masks = A.mass_threshold_mask(torch.from_numpy(layer_maps), tau).numpy()
+        target = target_mask(ctx)
+        ious = A.mask_iou(masks, target, c.patch_size) if target is not None else None
+        labels = [f"head {h + 1}" + (f"  IoU {ious[h]:.2f}" if ious is not None else "") for h in range(c.num_heads)]
+        picture, boxes, cols = head_overlays(
+            ctx, layer_maps, shared=shared, masks=masks if show else None, labels=labels, opts=opts
+        )
+        finite = np.where(np.isfinite(layer_maps), layer_maps, np.nan).reshape(c.num_heads, -1)
+        largest = [render.finite_max(m, 0.0, default=float("nan")) for m in finite]
+        table = {
+            "head": list(range(1, c.num_heads + 1)),
+            "largest attention": largest,
+            "patches in mask": [int(v) for v in masks.reshape(c.num_heads, -1).sum(axis=1)],
+        }
+        if ious is not None:
+            table["mask IoU"] = [float(v) for v in ious]
+        hover = [
+            f"head {h + 1}: largest attention {largest[h]:.4f}, mask {table['patches in mask'][h]} patches"
+            + (f", IoU {ious[h]:.3f}" if ious is not None else "")
+            for h in range(c.num_heads)
+        ]
+        slot.update(
+            source=(figures.picture_source(picture), picture.shape[:2]),
+            boxes=boxes,
+            cols=cols,
+            hover=hover,
+            table=table,
+        )
     st.markdown(f"**Layer {layer}, every head over the image: attention of {who}** (click a head to select it)")
     st.plotly_chart(
-        figures.clickable_tiles(picture, boxes, hover=hover, selected=head - 1),
+        figures.clickable_tiles(slot["source"], slot["boxes"], hover=slot["hover"], selected=head - 1),
         key=chart_key("hd_overlays"),
-        on_select=lambda: on_overlay_click(cols, c.num_heads),
+        on_select=lambda: on_overlay_click(slot["cols"], c.num_heads),
         selection_mode="points",
         config=NO_TOOLBAR,
     )
@@ -132,21 +154,11 @@ def per_head_section(ctx: Ctx, maps: np.ndarray, layer: int, head: int, who: str
             if show
             else ""
         )
-        + ("IoU: the mask against the scene's target, pixel by pixel. " if ious is not None else "")
+        + ("IoU: the mask against the scene's target, pixel by pixel. " if "mask IoU" in slot["table"] else "")
         + "Upsampling, colour map and opacity as set on the Rollout tab."
     )
-    table = {
-        "head": list(range(1, c.num_heads + 1)),
-        "largest attention": [
-            float(v)
-            for v in np.nanmax(np.where(np.isfinite(layer_maps), layer_maps, np.nan).reshape(c.num_heads, -1), axis=1)
-        ],
-        "patches in mask": [int(v) for v in masks.reshape(c.num_heads, -1).sum(axis=1)],
-    }
-    if ious is not None:
-        table["mask IoU"] = [float(v) for v in ious]
     with st.expander(f"Per-head numbers of layer {layer}"):
-        st.dataframe(table, hide_index=True, key="hd_table")
+        st.dataframe(slot["table"], hide_index=True, key="hd_table")
 
 
 def query_selector(ctx: Ctx) -> int | None:
@@ -224,7 +236,7 @@ def draw(ctx: Ctx) -> None:
         key="hd_scale",
         help="per map: each tile from 0 to its own maximum; shared: all tiles from 0 to the largest value",
     )
-    per_head_section(ctx, maps, layer, head, who, shared=scale != "per map")
+    per_head_section(ctx, maps, layer, head, who, shared=scale != "per map", query=query)
     tiles = render.share_of_max(maps, shared=scale != "per map")
     bar = "share of each map's max" if scale == "per map" else f"share of {render.finite_max(maps):.3g}"
     st.markdown(f"**Every layer and head: attention of {who}** (click a tile to show it large)")

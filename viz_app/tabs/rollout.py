@@ -183,6 +183,7 @@ def motion_files(ctx: Ctx, what: str, s: report.Settings, opts: dict, fps: int) 
         frames = motion_frames(ctx, maps, labels, opts, quantity)
         slot.update(
             frames=frames,
+            sources=([figures.picture_source(f) for f in frames], frames[0].shape[:2]),
             labels=labels,
             gif=animation.gif_bytes(frames, fps),
             mp4=animation.mp4_bytes(frames, fps),
@@ -210,7 +211,7 @@ def motion_section(ctx: Ctx, s: report.Settings, opts: dict) -> None:
     with st.spinner("Drawing the frames..."):
         files = motion_files(ctx, what, s, opts, int(fps))
     st.plotly_chart(
-        figures.animation(files["frames"], [str(i + 1) for i in range(c.depth)], fps=fps, slider_name="layer"),
+        figures.animation(files["sources"], [str(i + 1) for i in range(c.depth)], fps=fps, slider_name="layer"),
         key="mo_anim",
         config=NO_TOOLBAR,
     )
