@@ -21,7 +21,7 @@ from viz_app import analysis as A
 from viz_app import colormaps, render
 from viz_app.results import CLASS_MAPS
 from viz_app.tabs import state
-from viz_app.tabs.common import Ctx, display_settings
+from viz_app.tabs.common import Ctx, display_settings, method_select
 from viz_app.tabs.rollout import percent
 
 MAX_K = 10  # most classes side by side
@@ -340,15 +340,7 @@ def downloads(ctx: Ctx) -> dict[str, tuple[str, bytes]]:
 def controls(ctx: Ctx) -> None:
     """Method and k, side by side (their values are read back with chosen)."""
     a, b = st.columns([2, 1])
-    state.select(
-        "Class-specific map",
-        list(CLASS_MAPS),
-        state.DEFAULTS["ro_method"],
-        key="ro_method",
-        container=a,
-        format_func=lambda m: CLASS_MAPS[m],
-        help="also the Rollout tab's choice; each class costs one backward pass",
-    )
+    method_select("Class-specific map", a, "; each class costs one backward pass")
     hi = k_limit(ctx)
     if hi > 1:
         with b:

@@ -255,6 +255,23 @@ def mask_controls(container=None) -> tuple[bool, float]:
     return show, float(tau)
 
 
+def method_select(label: str, container, help_extra: str = "") -> str:
+    """The class-specific maps' method (kept as ro_method: the Rollout, Classes and Compare tabs
+    and the report follow it)."""
+    from viz_app.results import CLASS_MAPS
+
+    return state.select(
+        label,
+        list(CLASS_MAPS),
+        state.DEFAULTS["ro_method"],
+        key="ro_method",
+        container=container,
+        format_func=lambda m: CLASS_MAPS[m],
+        help="gradient rollout: attention x its gradient, rolled out; LRP: relevance propagated through every "
+        "layer, times the attention gradient, rolled out (docs/DEFINITIONS.md)" + help_extra,
+    )
+
+
 MASK_HELP = (
     "DINO's mask: the smallest set of patches holding this share of the map's patch mass (0.6 in the DINO "
     "paper), outlined in " + render.MASK_COLOR_NAME

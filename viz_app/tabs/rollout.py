@@ -9,7 +9,7 @@ import streamlit as st
 import torch
 
 from viz_app import analysis as A
-from viz_app import animation, figures, render, report, results
+from viz_app import animation, figures, render, report
 from viz_app.tabs import state
 from viz_app.tabs.common import (
     MOTION,
@@ -20,6 +20,7 @@ from viz_app.tabs.common import (
     clicked_tile,
     display_options,
     mask_controls,
+    method_select,
     motion_frames,
     motion_maps,
     next_chart,
@@ -99,16 +100,7 @@ def draw(ctx: Ctx) -> None:
             format_func=lambda i: f"{ctx.label(i)} ({percent(r.probs[i])})",
             help="the class whose logit's gradient weighs the attention; the top-1 class by default",
         )
-        method = state.select(
-            "Method",
-            list(results.CLASS_MAPS),
-            state.DEFAULTS["ro_method"],
-            key="ro_method",
-            container=b,
-            format_func=lambda m: results.CLASS_MAPS[m],
-            help="gradient rollout: attention x its gradient, rolled out; LRP: relevance propagated through every "
-            "layer, times the attention gradient, rolled out (docs/DEFINITIONS.md)",
-        )
+        method = method_select("Method", b)
     left, right = st.columns(2)
     with left:
         st.markdown("**Attention rollout** (Abnar & Zuidema 2020)")
