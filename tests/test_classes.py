@@ -174,29 +174,31 @@ def test_mixed_kinds_follow_map_a_and_bad_shapes_raise():
 
 
 def test_overlay_on_one_scale():
+    """render.overlay with a vmax above the map's maximum: colours from 0 to vmax, and with the
+    paper's alpha mask, a mask that reaches 1 only where the map reaches vmax."""
     rng = np.random.default_rng(5)
     view = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
     heat = rng.random((4, 6)).astype(np.float32)
     top = float(heat.max())
-    for method in ("nearest", "bilinear"):
-        opts = {**OPTS, "method": method}
-        got = T.overlay_on_scale(view, heat, opts, vmax=2 * top, patch_size=16)
-        want = render.overlay(
-            view, heat, method=method, alpha=0.55, cmap="inferno", patch_size=16, vmin=0, vmax=2 * top
-        )
-        np.testing.assert_array_equal(got, want)
-    paper = {**OPTS, "method": "paper"}
-    own = T.overlay_on_scale(view, heat, paper, vmax=top, patch_size=16)
+    on = lambda h, method, vmax: render.overlay(
+        view, h, vmin=0.0, vmax=vmax, patch_size=16, **{**OPTS, "method": method}
+    )  # noqa: E731
+    own = on(heat, "paper", top)
     np.testing.assert_array_equal(own, render.overlay(view, heat, method="paper", patch_size=16))
     # on a scale twice the map's maximum the alpha mask is half as strong (rounding: one unit)
-    half = T.overlay_on_scale(view, heat, paper, vmax=2 * top, patch_size=16).astype(int)
+    half = on(heat, "paper", 2 * top).astype(int)
     want = view.astype(np.float64) * render.upsample(heat, (64, 96), "paper", patch_size=16)[..., None] / 2
     assert np.abs(half - want).max() <= 1.0
+    # with a colour map, the colour of a patch of value v is the map's colour at v / vmax
+    lut = colormaps.get("inferno").lut.astype(float)
+    got = on(heat, "nearest", 2 * top).astype(float)
+    want = view[8, 8] * 0.45 + lut[int(heat[0, 0] / (2 * top) * 255 + 0.5)] * 0.55
+    assert np.abs(got[8, 8] - want).max() <= 1.0
     # a patch without value is drawn as no value with every method
     bad = heat.copy()
     bad[1, 2] = np.nan
     for method in ("nearest", "bilinear", "paper"):
-        out = T.overlay_on_scale(view, bad, {**OPTS, "method": method}, vmax=top, patch_size=16)
+        out = on(bad, method, top)
         block = out[16:32, 32:48].reshape(-1, 3)
         assert {tuple(p) for p in block} <= {render.NO_VALUE, render.NO_VALUE_HATCH}, method
 
@@ -401,7 +403,7 @@ def check_page(at, media, view, probs, class_map, *, k: int, a: int, b: int, opt
     assert caps == [f"{i + 1}. class {c} ({probs[c]:.1%})" for i, c in enumerate(order)]
     vmax = float(maps.max())
     for pic, m in zip(pics, maps):
-        want = T.enlarged(T.overlay_on_scale(view, m, opts, vmax=vmax, patch_size=16))
+        want = T.enlarged(render.overlay(view, m, vmin=0.0, vmax=vmax, patch_size=16, **opts))
         assert pic.shape == want.shape
         assert np.abs(pic.astype(int) - want).max() <= 1  # maps equal to float rounding
     assert bar is not None and bar.shape[0] == pics[0].shape[0]

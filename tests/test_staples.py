@@ -498,3 +498,17 @@ def test_cli_class_maps_contrast_and_lrp_equal_the_functions(tmp_path):
         np.testing.assert_allclose(arrays["token_budget"], budget, atol=1e-6)
         readout = A.attention_maps(fwd.attentions[0], num_prefix=1, grid=c.grid)
         np.testing.assert_array_equal(arrays["head_masks"], A.mass_threshold_mask(readout, 0.5).numpy())
+
+
+@pytest.mark.app
+@pytest.mark.parametrize("tab", ["Overview", "Download", "Classes"])
+def test_a_link_with_numbers_out_of_range_opens_every_tab(tab):
+    """NaN and out-of-range numbers in a copied link take the default or are clamped wherever
+    they are read, also on tabs that do not draw their widget."""
+    at = AppTest.from_file(APP, default_timeout=300)
+    for key, value in dict(mk_tau="nan", ro_discard="nan", ro_alpha="nan", mo_fps="0", tk_factor="inf").items():
+        at.query_params[key] = value
+    at.query_params["tab"] = tab
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]

@@ -148,7 +148,8 @@ def overlay(
     vmax: float | None = None,
 ) -> np.ndarray:
     """Heat map over the image the model sees. With method 'paper' the map is an alpha mask
-    over black (paper Fig. 6); otherwise a colour map blended with `alpha`, over the range
+    over black (paper Fig. 6) that reaches 1 where the map reaches vmax (default: its own
+    maximum; a larger vmax, one scale for several maps, dims it by max / vmax); otherwise a colour map blended with `alpha`, over the range
     colormaps.value_range gives (by default 0 to the map's maximum: 0 is the darkest colour).
     Patches whose value is NaN or infinite are drawn in the no-value pattern (not blended), with
     every method; a NaN or infinite vmin/vmax counts as not given."""
@@ -160,6 +161,9 @@ def overlay(
     clean = np.where(missing, np.float32(0.0), heat) if missing.any() else heat
     up = upsample(clean, (H, W), method, patch_size=patch_size)
     if method == "paper":
+        top = float(clean.max()) if clean.size else 0.0
+        if vmax is not None and np.isfinite(vmax) and vmax > 0 and top > 0:  # one scale for several maps
+            up = np.clip(up * np.float32(top / vmax), 0.0, 1.0)
         out = (view.astype(np.float32) * up[..., None]).astype(np.uint8)
     else:
         vmin = vmin if vmin is not None and np.isfinite(vmin) else None

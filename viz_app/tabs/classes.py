@@ -123,28 +123,6 @@ def report_arrays(ctx: Ctx) -> dict[str, np.ndarray]:
 # ---- pictures ------------------------------------------------------------------------------------
 
 
-def overlay_on_scale(view: np.ndarray, heat: np.ndarray, opts: dict, *, vmax: float, patch_size: int) -> np.ndarray:
-    """common.overlay on a given scale, 0 to vmax (one scale for several maps). With method 'paper'
-    the map is an alpha mask over black that reaches 1 only where the map reaches vmax (the mask of
-    render.upsample's 'paper', which is a share of the map's own maximum, times max / vmax);
-    NaN and infinite values are drawn as no value."""
-    kw = dict(method=opts["method"], alpha=opts["alpha"], cmap=opts["cmap"], patch_size=patch_size)
-    if opts["method"] != "paper":
-        return render.overlay(view, heat, **kw, vmin=0.0, vmax=vmax)
-    H, W = view.shape[:2]
-    heat = np.asarray(heat, np.float32)
-    missing = ~np.isfinite(heat)
-    clean = np.where(missing, np.float32(0.0), heat)
-    top = float(clean.max()) if clean.size else 0.0
-    mask = render.upsample(clean, (H, W), "paper", patch_size=patch_size)
-    mask = np.clip(mask * (top / vmax if top > 0 and vmax > 0 else 0.0), 0.0, 1.0)
-    out = (view.astype(np.float32) * mask[..., None]).astype(np.uint8)
-    if missing.any():
-        where = cv2.resize(missing.astype(np.uint8), (W, H), interpolation=cv2.INTER_NEAREST).astype(bool)
-        render.paint_no_value(out, where)
-    return out
-
-
 def enlarged(img: np.ndarray) -> np.ndarray:
     """A small picture enlarged (nearest, whole factor) to at least MIN_SIDE, as on the Rollout tab."""
     scale = max(1, int(np.ceil(MIN_SIDE / max(img.shape[:2]))))
@@ -160,7 +138,7 @@ def tiles(ctx: Ctx, maps: np.ndarray, opts: dict) -> list[np.ndarray]:
     """The overlay of each map on the model's view, one scale (0 to shared_max), enlarged for the page."""
     vmax = shared_max(maps)
     view, p = ctx.result.prepared.view, ctx.lm.config.patch_size
-    return [enlarged(overlay_on_scale(view, m, opts, vmax=vmax, patch_size=p)) for m in maps]
+    return [enlarged(render.overlay(view, m, vmin=0.0, vmax=vmax, patch_size=p, **opts)) for m in maps]
 
 
 def scale_bar(height: int, maps: np.ndarray, opts: dict) -> np.ndarray:
@@ -295,7 +273,7 @@ def downloads(ctx: Ctx) -> dict[str, tuple[str, bytes]]:
     view, p = ctx.result.prepared.view, ctx.lm.config.patch_size
     vmax = shared_max(maps)
     gap = 8
-    row = [overlay_on_scale(view, m, opts, vmax=vmax, patch_size=p) for m in maps]
+    row = [render.overlay(view, m, vmin=0.0, vmax=vmax, patch_size=p, **opts) for m in maps]
     h, w = row[0].shape[:2]
     spaced = [
         np.pad(t, ((0, 0), (0, gap if i < len(row) - 1 else 0), (0, 0)), constant_values=255) for i, t in enumerate(row)

@@ -107,7 +107,7 @@ def rollout_settings(ctx: Ctx) -> report.Settings:
     first, last = sorted(max(1, min(int(v), c.depth)) for v in layers)
     readout = state.read("ro_readout")
     fusion = state.read("ro_fusion")
-    discard = float(state.read("ro_discard"))
+    discard = state.clamped("ro_discard", 0.0, 0.95)
     query = None
     if state.read("hd_query") == "patch":
         gh, gw = c.grid
@@ -118,7 +118,7 @@ def rollout_settings(ctx: Ctx) -> report.Settings:
 
     factor, queries = tokens.settings()
     return report.Settings(
-        mask_tau=min(max(float(state.read("mk_tau")), 0.05), 1.0),
+        mask_tau=state.clamped("mk_tau", 0.05, 1.0),
         class_method=method if method in report.CLASS_METHODS else "gradient",
         high_norm_factor=factor,
         budget_queries=queries,
@@ -182,7 +182,7 @@ def display_settings() -> dict:
     return {
         "method": method if method in render.UPSAMPLING else "nearest",
         "cmap": cmap if cmap in colormaps.SEQUENTIAL else colormaps.DEFAULT_SEQUENTIAL,
-        "alpha": min(max(float(state.read("ro_alpha")), 0.0), 1.0),
+        "alpha": state.clamped("ro_alpha", 0.0, 1.0),
     }
 
 

@@ -51,7 +51,7 @@ def display_meta(ctx: Ctx) -> dict:
         "heads_scale": "shared" if state.read("hd_scale") == "shared" else "per map",
         "mask_outlined": bool(state.read("mk_show")),
         "motion": state.read("mo_what") if state.read("mo_what") in ("rollout", "head") else "rollout",
-        "motion_fps": int(state.read("mo_fps")),
+        "motion_fps": int(state.clamped("mo_fps", 1, 10)),
         "mean_attention_distance_plot_starts_at_0": True,
     }
 

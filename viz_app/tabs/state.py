@@ -168,6 +168,19 @@ def read(key: str, default: Any = None) -> Any:
     return DEFAULTS.get(key) if default is None else default
 
 
+def clamped(key: str, lo: float, hi: float) -> float:
+    """A kept number wherever the page is (read), inside [lo, hi]: a value that is not a finite
+    number (NaN from a link) takes the default, one outside the range is clamped, as the
+    control's own widget would do when drawn."""
+    try:
+        v = float(read(key))
+    except (TypeError, ValueError):
+        v = float("nan")
+    if v != v or v in (float("inf"), float("-inf")):
+        v = float(DEFAULTS[key])
+    return min(max(v, lo), hi)
+
+
 def _fit(key: str, ok: Callable[[Any], bool], fix: Callable[[Any], Any]) -> bool:
     """True when the session holds a value for key (made to fit first)."""
     ss = st.session_state
