@@ -180,9 +180,10 @@ def test_overlay_on_one_scale():
     view = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
     heat = rng.random((4, 6)).astype(np.float32)
     top = float(heat.max())
-    on = lambda h, method, vmax: render.overlay(
-        view, h, vmin=0.0, vmax=vmax, patch_size=16, **{**OPTS, "method": method}
-    )  # noqa: E731
+
+    def on(h, method, vmax):
+        return render.overlay(view, h, vmin=0.0, vmax=vmax, patch_size=16, **{**OPTS, "method": method})
+
     own = on(heat, "paper", top)
     np.testing.assert_array_equal(own, render.overlay(view, heat, method="paper", patch_size=16))
     # on a scale twice the map's maximum the alpha mask is half as strong (rounding: one unit)
