@@ -318,7 +318,7 @@ def test_sanity_tab_shows_the_mask_iou_of_scores_json():
     shown = [md.value for md in at.markdown if "Mask IoU" in md.value]
     assert len(shown) == 1
     want = (
-        f"rollout {mk['maps']['rollout']:.2f}, last-layer heads' mean {mk['maps']['last_layer_cls']:.2f}, "
+        f"rollout {mk['maps']['rollout']:.2f}, last layer's head-averaged map {mk['maps']['last_layer_cls']:.2f}, "
         f"centre prior {mk['maps']['centre_prior']:.2f}."
     )
     assert want in shown[0]

@@ -321,13 +321,14 @@ def fake_ctx(cfg: ViTConfig, attn: torch.Tensor, norms: torch.Tensor):
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_report_arrays_and_the_png_follow_the_settings(monkeypatch, layout):
+def test_the_tabs_numbers_and_the_png_follow_the_settings(monkeypatch, layout):
     cfg = LAYOUTS[layout]
     P, N = cfg.num_prefix_tokens, cfg.num_patches
     attn, norms = random_case(11, L=cfg.depth, H=cfg.num_heads, P=P, N=N)
     ctx = fake_ctx(cfg, attn, norms)
     monkeypatch.setattr(st, "session_state", {"tk_factor": 1.2, "tk_queries": "readout"})
-    arrays = tab.report_arrays(ctx)
+    budget, high = tab.compute(ctx, *tab.settings())
+    arrays = {"token_budget": budget, "high_norm_patches": high[: cfg.depth]}
     want = A.token_budgets(
         attn, norms, num_prefix=P, factor=1.2, queries="readout", readout_tokens=cfg.readout_tokens
     ).numpy()

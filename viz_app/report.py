@@ -29,7 +29,12 @@ from viz_app.pipeline import Forward, run_forward
 
 SCHEMA_VERSION = 1
 FUSIONS = ("mean", "max", "min")
-CLASS_METHODS = ("gradient", "lrp")  # viz_app/results.py CLASS_MAPS
+# Class-specific maps: method -> what the page calls it (docs/DEFINITIONS.md)
+CLASS_MAPS = {
+    "gradient": "gradient rollout (Chefer et al., ICCV 2021)",
+    "lrp": "Transformer Attribution: LRP with attention gradients (Chefer et al., CVPR 2021)",
+}
+CLASS_METHODS = tuple(CLASS_MAPS)
 READOUTS = ("auto", "cls", "dist", "mean", "patches")
 
 
@@ -152,7 +157,7 @@ SCHEMA: tuple[Field, ...] = (
         "relevance (unnormalized)",
         "Transformer Attribution (Chefer et al. CVPR 2021): LRP relevance of each layer's attention times its "
         "gradient, positive part, head mean, rolled out with the identity added; for grad_class",
-        "settings.grad_rollout and class_method lrp (the app)",
+        "settings.grad_rollout and class_method lrp (CLI: --grad-rollout --class-method lrp)",
     ),
     Field(
         "grad_class",
@@ -168,7 +173,7 @@ SCHEMA: tuple[Field, ...] = (
         "float32",
         "relevance (unnormalized)",
         "the class-specific map (settings.class_method) of each of the top-k classes, most probable first",
-        "settings.class_maps > 0 (the app's Classes tab)",
+        "settings.class_maps > 0 (the Classes tab; CLI: --class-maps K)",
     ),
     Field("class_map_classes", "(k,)", "int64", "class index", "the classes of class_maps", "settings.class_maps > 0"),
     Field(
@@ -177,7 +182,7 @@ SCHEMA: tuple[Field, ...] = (
         "float32",
         "share of relevance",
         "class A's map divided by its total minus class B's divided by its total (sums to 0; > 0: more for A)",
-        "settings.contrast_classes (the app's Classes tab)",
+        "settings.contrast_classes (the Classes tab; CLI: --contrast A B)",
     ),
     Field(
         "contrastive_classes", "(2,)", "int64", "class index", "(A, B) of contrastive_map", "settings.contrast_classes"

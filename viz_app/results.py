@@ -16,7 +16,6 @@ import torch
 
 from model.preprocess import PreparedImage
 from model.weights.load import LoadedModel
-from viz_app import analysis as A
 from viz_app import render, report
 from viz_app.pipeline import Forward, run_forward
 
@@ -211,30 +210,16 @@ def nonfinite_warning(problem: str, model: str) -> str:
     )
 
 
-# Class-specific maps: method -> what the page calls it (docs/DEFINITIONS.md)
-CLASS_MAPS = {
-    "gradient": "gradient rollout (Chefer et al., ICCV 2021)",
-    "lrp": "Transformer Attribution: LRP with attention gradients (Chefer et al., CVPR 2021)",
-}
+CLASS_MAPS = report.CLASS_MAPS  # method -> what the page calls it
 
 
 def gradient_map(lm: LoadedModel, prepared: PreparedImage, target: int) -> np.ndarray:
     """Chefer et al. gradient rollout for one class, (gh, gw)."""
-    c = lm.config
-    x = prepared.pixels[None].to(lm.device, lm.dtype)
-    fwd = run_forward(lm.model, x, gradients=True, target=torch.tensor([target], device=lm.device))
-    m = A.gradient_rollout(
-        fwd.attentions, fwd.grads, num_prefix=c.num_prefix_tokens, grid=c.grid, readout_tokens=c.readout_tokens
-    )
-    return m[0].cpu().numpy()
+    return class_map(lm, prepared, target, "gradient")
 
 
 def class_map(lm: LoadedModel, prepared: PreparedImage, target: int, method: str = "gradient") -> np.ndarray:
-    """The class-specific map of `method` (a CLASS_MAPS key) for one class, (gh, gw)."""
-    if method == "gradient":
-        return gradient_map(lm, prepared, target)
-    if method == "lrp":
-        x = prepared.pixels[None].to(lm.device, lm.dtype)
-        m = A.transformer_attribution(lm.model, x, torch.tensor([target], device=lm.device))
-        return m[0].float().cpu().numpy()
-    raise ValueError(f"class-specific map must be one of {tuple(CLASS_MAPS)}, got {method!r}")
+    """The class-specific map of `method` (a CLASS_MAPS key) for one class, (gh, gw): the batch
+    function the CLI uses (report.class_maps) on this one image."""
+    x = prepared.pixels[None].to(lm.device, lm.dtype)
+    return report.class_maps(lm, x, torch.tensor([target], device=lm.device), method)[0].float().cpu().numpy()

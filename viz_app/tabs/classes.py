@@ -107,7 +107,7 @@ def contrast(map_a: np.ndarray, map_b: np.ndarray) -> np.ndarray:
 def report_arrays(ctx: Ctx) -> dict[str, np.ndarray]:
     """What the tab shows, for the report: class_maps (k, gh, gw) float32 and class_map_classes (k,)
     int64 (most probable first), contrastive_map (gh, gw) float32 and contrastive_classes (2,) int64
-    (A, B). Empty for a model without a classifier or a method this build cannot run."""
+    (A, B). Empty for a model without a classifier."""
     method, classes, (a, b) = chosen(ctx)
     if not classes:
         return {}
@@ -264,7 +264,7 @@ def _text_under(fig: np.ndarray, texts: list[tuple[int, int, str]], scale: float
 def downloads(ctx: Ctx) -> dict[str, tuple[str, bytes]]:
     """file name -> (button label, PNG) of what the tab shows with the current settings: the top-k
     maps side by side on their one scale (titles under the maps), and the contrastive map. Empty
-    for a model without a classifier or a method this build cannot run."""
+    for a model without a classifier."""
     method, classes, (a, b) = chosen(ctx)
     if not classes:
         return {}

@@ -45,7 +45,7 @@ def scores_text(scores: dict) -> str:
     if mk:
         parts.append(
             f"Mask IoU with the target (smallest set of patches holding {mk['tau']:.0%} of the map's mass, as in "
-            f"DINO): rollout {mk['maps']['rollout']:.2f}, last-layer heads' mean {mk['maps']['last_layer_cls']:.2f}, "
+            f"DINO): rollout {mk['maps']['rollout']:.2f}, last layer's head-averaged map {mk['maps']['last_layer_cls']:.2f}, "
             f"centre prior {mk['maps']['centre_prior']:.2f}."
         )
     return " ".join(parts)

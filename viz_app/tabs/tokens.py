@@ -167,15 +167,6 @@ def downloads(ctx: Ctx) -> dict[str, tuple[str, bytes]]:
     return {"token_budgets.png": ("Token budgets", render.to_png(fig))}
 
 
-def report_arrays(ctx: Ctx) -> dict[str, np.ndarray]:
-    """The tab's arrays with its current settings: token_budget (L, H, P+1) float32 (columns as
-    budget_names), high_norm_patches (L, N) bool (row l - 1: layer l's input)."""
-    factor, queries = settings()
-    budget, high = compute(ctx, factor, queries)
-    L = ctx.lm.config.depth
-    return {"token_budget": budget.astype(np.float32), "high_norm_patches": high[:L].astype(bool)}
-
-
 def draw(ctx: Ctx) -> None:
     c = ctx.lm.config
     P, L = c.num_prefix_tokens, c.depth
