@@ -422,6 +422,13 @@ MASK_COLOR = (0, 255, 255)  # cyan: the outline of a mass-threshold mask
 MASK_COLOR_NAME = "cyan"
 
 
+def enlarge(image: np.ndarray, min_side: int) -> tuple[np.ndarray, int]:
+    """A small picture enlarged by the smallest whole factor that makes its long side at least
+    min_side px, nearest neighbour (patches stay sharp, no new detail); -> (picture, factor)."""
+    k = max(1, int(np.ceil(min_side / max(image.shape[:2]))))
+    return (np.repeat(np.repeat(image, k, axis=0), k, axis=1) if k > 1 else image), k
+
+
 def outline_patches(image: np.ndarray, mask: np.ndarray, *, color=MASK_COLOR, width: int | None = None) -> np.ndarray:
     """A copy of `image` (H, W, 3) with the outline of a patch mask (gh, gw) bool drawn on it: every
     edge between a patch in the mask and one outside it (or the image border). The image spans the

@@ -125,8 +125,7 @@ def report_arrays(ctx: Ctx) -> dict[str, np.ndarray]:
 
 def enlarged(img: np.ndarray) -> np.ndarray:
     """A small picture enlarged (nearest, whole factor) to at least MIN_SIDE, as on the Rollout tab."""
-    scale = max(1, int(np.ceil(MIN_SIDE / max(img.shape[:2]))))
-    return np.repeat(np.repeat(img, scale, axis=0), scale, axis=1) if scale > 1 else img
+    return render.enlarge(img, MIN_SIDE)[0]
 
 
 def shared_max(maps: np.ndarray) -> float:

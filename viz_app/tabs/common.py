@@ -301,10 +301,7 @@ def show_map(
     """Draw an overlay at a common display size with its colour bar and a caption saying what
     it is, how it was upsampled and what 0 looks like."""
     img = overlay(ctx, heat, opts, on_original=on_original, outline=outline)
-    # small inputs enlarged (nearest) so that the colour bar beside them stays legible
-    scale = max(1, int(np.ceil(224 / max(img.shape[:2]))))
-    if scale > 1:
-        img = np.repeat(np.repeat(img, scale, axis=0), scale, axis=1)
+    img, _ = render.enlarge(img, 224)  # small inputs enlarged: the colour bar beside them stays legible
     st.image(with_colorbar(img, heat, opts, label), caption=caption, width="stretch")
 
 
@@ -342,10 +339,7 @@ def motion_frames(ctx: Ctx, maps: np.ndarray, labels: list[str], opts: dict, qua
     and its colour bar; all the same size. The page plays these and the exports write them."""
     frames = []
     for heat, label in zip(maps, labels):
-        img = overlay(ctx, heat, opts)
-        k = max(1, int(np.ceil(MOTION_SIDE / max(img.shape[:2]))))
-        if k > 1:
-            img = np.repeat(np.repeat(img, k, axis=0), k, axis=1)
+        img, _ = render.enlarge(overlay(ctx, heat, opts), MOTION_SIDE)
         body = with_colorbar(img, heat, opts, quantity)
         band = np.full((34, body.shape[1], 3), 255, np.uint8)
         render.put_text(band, label, (6, 23), 0.55)

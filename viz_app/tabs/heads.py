@@ -86,8 +86,7 @@ def head_overlays(
     tiles = []
     for h, heat in enumerate(maps):
         img = overlay(ctx, heat, opts, vmax=top if shared else None, outline=None if masks is None else masks[h])
-        k = max(1, math.ceil(MIN_TILE / max(img.shape[:2])))
-        tiles.append(np.repeat(np.repeat(img, k, axis=0), k, axis=1) if k > 1 else img)
+        tiles.append(render.enlarge(img, MIN_TILE)[0])
     cols = overlay_columns(len(tiles))
     mosaic, boxes = render.tile_mosaic(tiles, labels, cols=cols)
     if opts["method"] == "paper":

@@ -337,9 +337,7 @@ def map_picture(
         vmin=0.0,
         vmax=vmax,
     )
-    scale = max(1, int(np.ceil(224 / max(img.shape[:2]))))
-    if scale > 1:
-        img = np.repeat(np.repeat(img, scale, axis=0), scale, axis=1)
+    img, scale = render.enlarge(img, 224)
     if missing.any():
         ps = c.patch_size * scale
         gh, gw = heat.shape

@@ -80,9 +80,7 @@ def mark_patches(view: np.ndarray, high: np.ndarray, patch_size: int) -> np.ndar
     if high.any():  # with none, the view as it is
         dim = np.repeat(np.repeat(~high, patch_size, axis=0), patch_size, axis=1)
         img[dim] = (img[dim] * 0.45).astype(np.uint8)
-    k = max(1, int(np.ceil(MIN_VIEW / max(img.shape[:2]))))
-    if k > 1:
-        img = np.repeat(np.repeat(img, k, axis=0), k, axis=1)
+    img, k = render.enlarge(img, MIN_VIEW)
     p = patch_size * k
     for r, col in zip(*np.nonzero(high)):
         cv2.rectangle(img, (int(col) * p, int(r) * p), ((int(col) + 1) * p - 1, (int(r) + 1) * p - 1), MARK, 2)
