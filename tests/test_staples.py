@@ -512,3 +512,46 @@ def test_a_link_with_numbers_out_of_range_opens_every_tab(tab):
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
+
+
+LAYOUTS_17 = {
+    "registers, non-square": dict(image_size=(48, 80), num_registers=4, num_classes=7),
+    "distilled": dict(distill_token=True, distilled_head=True, num_classes=7),
+    "no class token, average pool": dict(class_token=False, global_pool="avg", num_classes=7),
+    "no classifier": dict(num_classes=0),
+}
+
+
+@pytest.mark.app
+@pytest.mark.parametrize("layout", list(LAYOUTS_17))
+def test_every_new_view_draws_each_model_layout(layout, tmp_path, media):
+    """Heads (overlays, masks), Rollout (LRP, motion), Classes, Tokens and Download on models with
+    registers and a non-square grid, a distillation token, no class token, no classifier."""
+    from safetensors.torch import save_file
+
+    base = dict(image_size=64, patch_size=16, embed_dim=32, depth=3, num_heads=4, mlp_dim=64)
+    cfg = ViTConfig(**{**base, **LAYOUTS_17[layout]})
+    m = VisionTransformer(cfg)
+    m.init_weights(seed=2)
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"format": "vit-lens", "config": cfg.to_dict()}))
+    at = AppTest.from_file(APP, default_timeout=300).run()
+    at.radio(key="main_kind").set_value("Path or hub id").run()
+    at.text_input(key="main_path").set_value(str(tmp_path)).run()
+    at.button(key="main_load").click().run()
+    open_tab(at, "Heads")
+    assert len(image_trace(plotly_spec(at, "hd_overlays")).shape) == 3
+    open_tab(at, "Rollout")
+    if cfg.num_classes:
+        at.selectbox(key="ro_method").set_value("lrp").run()
+    at.radio(key="mo_what").set_value("head").run()
+    assert len(plotly_spec(at, "mo_anim")["frames"]) == cfg.depth
+    for tab in ("Classes", "Tokens", "Download"):
+        open_tab(at, tab)
+    arrays, meta = report.read_report(download(at, media, "Report (NPZ)"))
+    P, N = cfg.num_prefix_tokens, cfg.num_patches
+    assert arrays["token_budget"].shape == (cfg.depth, cfg.num_heads, P + 1)
+    assert arrays["head_masks"].shape == (cfg.depth, cfg.num_heads, *cfg.grid)
+    assert arrays["high_norm_patches"].shape == (cfg.depth, N)
+    assert ("transformer_attribution" in arrays) == bool(cfg.num_classes)
+    assert ("class_maps" in arrays) == bool(cfg.num_classes)
