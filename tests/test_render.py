@@ -1,5 +1,6 @@
 """Renderers: shapes, colour scales, and that the geometry maps back to the original image."""
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -118,3 +119,16 @@ def test_patch_grid_numbers_are_legible_at_224_px():
     margin = grid.shape[0] - 672  # the view is enlarged 3 times; the numbers sit in the margin
     ink = np.nonzero((grid[:margin, margin:, 0] < 100).any(axis=1))[0]  # rows of the column numbers
     assert margin > 0 and ink.size and ink.max() - ink.min() + 1 >= 12
+
+
+def test_a_long_title_is_wrapped_inside_the_figure():
+    """A title wider than the figure is broken into lines, none of them cut at the edge."""
+    title = "Layer 6, every head: attention of the read-out token; outlined: the patches holding 60% of the mass"
+    fig, _ = render.publication_figure(np.zeros((100, 200, 3), np.uint8), title=title, cmap=None)
+    width = fig.shape[1]
+    scale = max(0.7, 1000 / 1000)  # the image is enlarged to 1000 px wide (x5)
+    lines = render.wrap_text(title, width - 16, scale, 2)
+    assert len(lines) > 1 and " ".join(lines) == title
+    assert all(cv2.getTextSize(line, render.FONT, scale, 2)[0][0] <= width - 16 for line in lines)
+    ink = (fig[:, -8:] < 128).any()  # nothing drawn in the last 8 px: no text runs off the edge
+    assert not ink

@@ -529,6 +529,18 @@ def colorbar(
     return out
 
 
+def wrap_text(text: str, width: int, scale: float, thick: int = 1) -> list[str]:
+    """`text` broken at spaces into lines at most `width` px wide in the plots' font (a word longer
+    than the width stands on its own line)."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and cv2.getTextSize(f"{lines[-1]} {word}", FONT, scale, thick)[0][0] <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
 def publication_figure(
     image: np.ndarray,
     *,
@@ -550,11 +562,12 @@ def publication_figure(
     H, W = big.shape[:2]
     bar = colorbar(H, cmap=cmap, vmin=vmin, vmax=vmax, label=label) if cmap else np.zeros((H, 0, 3), np.uint8)
     scale = max(0.7, W / 1000)
-    lines = [title, note]
+    width = W + bar.shape[1] + 16
+    lines = [(line, scale, 2) for line in wrap_text(title, width - 16, scale, 2)] + [(note, scale * 0.7, 1)]
     line_h = int(34 * scale)
-    head = np.full((line_h * len(lines) + 12, W + bar.shape[1] + 16, 3), 255, np.uint8)
-    for i, (text, size) in enumerate(zip(lines, (scale, scale * 0.7))):
-        put_text(head, text, (8, line_h * (i + 1) - 6), size, thick=2 if i == 0 else 1)
+    head = np.full((line_h * len(lines) + 12, width, 3), 255, np.uint8)
+    for i, (text, size, thick) in enumerate(lines):
+        put_text(head, text, (8, line_h * (i + 1) - 6), size, thick=thick)
     body = np.full((H + 8, head.shape[1], 3), 255, np.uint8)
     body[:H, :W] = big
     body[:H, W + 16 :] = bar
