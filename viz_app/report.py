@@ -435,6 +435,12 @@ def rollout_options(config, settings: Settings) -> dict:
     )
 
 
+def per_layer_options(config, settings: Settings) -> dict:
+    """rollout_per_layer's keywords for these settings: rollout_options without the layer range
+    (every map starts at layer 1 and ends at each layer in turn)."""
+    return {k: v for k, v in rollout_options(config, settings).items() if k not in ("start", "end")}
+
+
 def analyze_batch(lm: LoadedModel, fwd: Forward, settings: Settings) -> dict[str, np.ndarray]:
     """Every schema array for a batch, batch first, as numpy (report_json excepted).
 
@@ -444,8 +450,7 @@ def analyze_batch(lm: LoadedModel, fwd: Forward, settings: Settings) -> dict[str
     attn = fwd.attentions  # (B, L, H, T, T)
     kw = dict(num_prefix=c.num_prefix_tokens, grid=c.grid, readout_tokens=c.readout_tokens)
     options = rollout_options(c, settings)
-    per_layer = {k: v for k, v in options.items() if k not in ("start", "end")}
-    rollouts = A.rollout_per_layer(attn, **per_layer)  # (B, L, gh, gw): from layer 1 to each layer
+    rollouts = A.rollout_per_layer(attn, **per_layer_options(c, settings))  # (B, L, gh, gw): from layer 1 to each layer
     whole = options["start"] == 0 and options["end"] == c.depth - 1  # then the last one is the rollout
     out: dict[str, Tensor] = {
         "features": fwd.features,

@@ -318,8 +318,7 @@ def motion_maps(ctx: Ctx, what: str, s: report.Settings) -> tuple[np.ndarray, li
     c = ctx.lm.config
     attn = ctx.result.forward.attentions
     if what == "rollout":
-        options = {k: v for k, v in report.rollout_options(c, s).items() if k not in ("start", "end")}
-        maps = A.rollout_per_layer(attn, **options)[0].numpy()
+        maps = A.rollout_per_layer(attn, **report.per_layer_options(c, s))[0].numpy()
         labels = [f"Rollout, layer{f's 1-{i + 1}' if i else ' 1'} of {c.depth}" for i in range(c.depth)]
         return maps, labels, "rollout"
     head = min(max(int(state.read("hd_head") or 1), 1), c.num_heads)

@@ -666,26 +666,31 @@ def draw_distances(v: Views) -> None:
 # ---- downloads and report arrays ------------------------------------------------------------------
 
 
-def beside(*images: np.ndarray, gap: int = 24) -> np.ndarray:
-    """Pictures left to right on white, top-aligned."""
-    H = max(i.shape[0] for i in images)
+def _stack(images: tuple[np.ndarray, ...], axis: int, gap: int) -> np.ndarray:
+    """Pictures along `axis` (1: left to right, top-aligned; 0: top to bottom, left-aligned) on
+    white, `gap` px apart."""
+    across = 1 - axis  # the other side is padded to the largest
+    size = max(i.shape[across] for i in images)
     parts = []
     for k, img in enumerate(images):
         if k:
-            parts.append(np.full((H, gap, 3), 255, np.uint8))
-        parts.append(np.pad(img, ((0, H - img.shape[0]), (0, 0), (0, 0)), constant_values=255))
-    return np.concatenate(parts, axis=1)
+            shape = [0, 0, 3]
+            shape[axis], shape[across] = gap, size
+            parts.append(np.full(shape, 255, np.uint8))
+        pad = [(0, 0), (0, 0), (0, 0)]
+        pad[across] = (0, size - img.shape[across])
+        parts.append(np.pad(img, pad, constant_values=255))
+    return np.concatenate(parts, axis=axis)
+
+
+def beside(*images: np.ndarray, gap: int = 24) -> np.ndarray:
+    """Pictures left to right on white, top-aligned."""
+    return _stack(images, 1, gap)
 
 
 def above(*images: np.ndarray, gap: int = 24) -> np.ndarray:
     """Pictures top to bottom on white, left-aligned."""
-    W = max(i.shape[1] for i in images)
-    parts = []
-    for k, img in enumerate(images):
-        if k:
-            parts.append(np.full((gap, W, 3), 255, np.uint8))
-        parts.append(np.pad(img, ((0, 0), (0, W - img.shape[1]), (0, 0)), constant_values=255))
-    return np.concatenate(parts, axis=0)
+    return _stack(images, 0, gap)
 
 
 def head_sheet(maps: np.ndarray, columns: int, vmax: float, cmap: str) -> np.ndarray:

@@ -132,8 +132,9 @@ def draw(ctx: Ctx) -> None:
         else:
             st.markdown(METHOD_TITLES["gradient"])
             st.info("Class-specific maps need a classifier head; this model has none.")
-    options = {k: v for k, v in report.rollout_options(c, s).items() if k not in ("start", "end")}
-    strip = A.rollout_per_layer(r.forward.attentions, **options)[0].numpy()  # (L, gh, gw), every layer
+    strip = A.rollout_per_layer(r.forward.attentions, **report.per_layer_options(c, s))[
+        0
+    ].numpy()  # (L, gh, gw), every layer
     tiles = render.share_of_max(strip)
     st.markdown("**Rollout after each layer**, from layer 1 (each map from 0 to its own maximum)")
     st.plotly_chart(
