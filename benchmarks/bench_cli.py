@@ -1,6 +1,10 @@
 """Batch CLI throughput vs a bare forward pass of the same model at the same batch size.
 
 python -m benchmarks.bench_cli [--images 128] [--batch-size 8] [--repeats 2] [--profile]
+
+Each repeat runs the bare forward, the forward returning maps and the CLI once each; the best of
+each is reported, and the CLI/bare ratio of each repeat's own pair (median and range), which
+drifts less with the shared machine's speed.
 """
 
 from __future__ import annotations
@@ -8,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -50,6 +55,9 @@ def run(images: int, batch_size: int, repeats: int = 2) -> dict:
             t_attn.append(best_of(lambda: bare(True), repeats=1, warmup=0))
             t_cli.append(best_of(cli, repeats=1, warmup=0))
     n = n_batches * batch_size
+    # the ratio of each repeat from its own pair of runs (the machine's speed drifts between
+    # repeats by more than the CLI's overhead changes): their median, and the range
+    paired = sorted((images / c) / (n / b) for b, c in zip(t_bare, t_cli))
     return {
         "images": images,
         "batch_size": batch_size,
@@ -57,6 +65,8 @@ def run(images: int, batch_size: int, repeats: int = 2) -> dict:
         "forward_with_attentions_img_s": n / min(t_attn),
         "cli_img_s": images / min(t_cli),
         "cli_vs_bare": (images / min(t_cli)) / (n / min(t_bare)),
+        "cli_vs_bare_paired_median": float(statistics.median(paired)),
+        "cli_vs_bare_paired_range": f"{paired[0]:.3f} .. {paired[-1]:.3f}",
     }
 
 

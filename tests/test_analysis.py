@@ -434,6 +434,29 @@ def test_as_is_is_renormalized_times_patch_share_per_query(P):
     )
 
 
+@pytest.mark.parametrize(
+    "P, grid, dtype", [(1, (3, 3), torch.float32), (0, (2, 5), torch.float32), (5, (3, 4), torch.bfloat16)]
+)
+def test_distance_statistics_equal_the_three_functions_bit_for_bit(monkeypatch, P, grid, dtype):
+    from viz_app.analysis import chunks
+
+    T = P + grid[0] * grid[1]
+    # the model's block layout (L outermost), viewed batch first, with rows that do not sum to 1 in bf16
+    attn = random_attn(B=3, L=2, H=4, T=T, seed=11).transpose(0, 1).contiguous().transpose(0, 1).to(dtype)
+    monkeypatch.setattr(chunks, "CHUNK_VALUES", 3 * T * T)  # several chunks, one ending mid-head
+    kw = dict(num_prefix=P, grid=grid, patch_size=16)
+    got = A.distance_statistics(attn, **kw)
+    assert torch.equal(got["as_is"], A.mean_attention_distance(attn, **kw))
+    assert torch.equal(got["renormalized"], A.mean_attention_distance(attn, convention="renormalized", **kw))
+    assert torch.equal(got["prefix_mass_share"], A.prefix_mass_share(attn, P))
+    # and the per-query sums against the definition, in float64
+    a, d = attn.double(), A.patch_distances(grid, 16).double()
+    want = (a[..., P:, P:] * d).sum(-1).mean(-1)
+    torch.testing.assert_close(got["as_is"].double(), want, rtol=1e-5, atol=1e-4)
+    if P == 0:
+        assert not got["prefix_mass_share"].any()
+
+
 def test_prefix_mass_share_chunked_and_on_the_models_layout(monkeypatch):
     from viz_app.analysis import chunks
 

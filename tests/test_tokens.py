@@ -148,6 +148,19 @@ def test_low_precision_attention_is_read_as_float32():
     np.testing.assert_allclose(got.numpy(), want, atol=1e-6)
 
 
+@pytest.mark.parametrize("queries", ["patches", "readout", "all"])
+def test_budgets_taken_a_few_images_at_a_time_equal_one_by_one(monkeypatch, queries):
+    from viz_app.analysis import chunks
+
+    attn, norms = random_case(6, P=2, N=12, lead=(5,))
+    attn = attn.transpose(0, 1).contiguous().transpose(0, 1).to(torch.bfloat16)  # the model's block, bf16
+    monkeypatch.setattr(chunks, "CHUNK_VALUES", 2 * 2 * 14 * 14)  # two images of a layer per step: 3 steps
+    got = A.token_budgets(attn, norms, num_prefix=2, queries=queries)
+    for b in range(5):
+        one = budgets_by_loop(attn[b].double().numpy(), norms[b].double().numpy(), 2, 2.0, queries, (0,))
+        np.testing.assert_allclose(got[b].numpy(), one, atol=1e-6)
+
+
 def test_nan_norms_and_nan_attention():
     attn, norms = random_case(6, P=1, N=12)
     bad = norms.clone()

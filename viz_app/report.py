@@ -409,13 +409,14 @@ def schema_markdown() -> str:
 
 def _distances(attn: Tensor, lm: LoadedModel) -> dict[str, Tensor]:
     """Both distance conventions and the prefix share, each from its own definition (a shortcut
-    through 1 - share is exact only for rows that sum to 1, which bf16 rows do not quite)."""
+    through 1 - share is exact only for rows that sum to 1, which bf16 rows do not quite), in one
+    pass over the maps (A.distance_statistics)."""
     c = lm.config
-    kw = dict(num_prefix=c.num_prefix_tokens, grid=c.grid, patch_size=c.patch_size)
+    s = A.distance_statistics(attn, num_prefix=c.num_prefix_tokens, grid=c.grid, patch_size=c.patch_size)
     return {
-        "mean_attention_distance": A.mean_attention_distance(attn, **kw),
-        "mean_attention_distance_renormalized": A.mean_attention_distance(attn, convention="renormalized", **kw),
-        "prefix_mass_share": A.prefix_mass_share(attn, c.num_prefix_tokens),
+        "mean_attention_distance": s["as_is"],
+        "mean_attention_distance_renormalized": s["renormalized"],
+        "prefix_mass_share": s["prefix_mass_share"],
     }
 
 

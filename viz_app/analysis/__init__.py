@@ -12,7 +12,7 @@ from .attention import (
     readout_rows,
 )
 from .classes import contrastive_map, relevance_share
-from .distance import mean_attention_distance, patch_distances, prefix_mass_share
+from .distance import distance_statistics, mean_attention_distance, patch_distances, prefix_mass_share
 from .faithfulness import curve_auc, mean_ci, removal_counts, removal_order, spearman, ssim
 from .filters import filter_pca
 from .lrp import transformer_attribution
@@ -38,6 +38,7 @@ __all__ = [
     "compare_position_embeddings",
     "contrastive_map",
     "curve_auc",
+    "distance_statistics",
     "filter_pca",
     "fuse_heads",
     "gradient_rollout",

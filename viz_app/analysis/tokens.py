@@ -6,12 +6,10 @@ Definition: docs/DEFINITIONS.md, sections 'Token norms and high-norm outliers' a
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 from torch import Tensor
 
-from .attention import readout_rows
+from . import chunks
 
 QUERIES = ("patches", "readout", "all")
 HIGH_NORM_NAME = "high-norm patches"
@@ -35,19 +33,27 @@ def token_norm_outliers(norms: Tensor, *, num_prefix: int, factor: float = 2.0) 
     return patches > factor * median
 
 
-def _layer_budget(a: Tensor, high: Tensor, num_prefix: int) -> Tensor:
-    """Per-query budgets of one layer: a (H, T, T) attention, high (N,) bool -> (H, T, P + 1) float32.
+def _layer_budget(a: Tensor, high: Tensor, num_prefix: int, queries: str, readout_tokens: tuple[int, ...]) -> Tensor:
+    """The budgets of one layer of k images: a (k, H, T, T) attention, high (k, N) bool ->
+    (k, H, P + 1) float32 (token_budgets' definition).
 
-    b[h, i, j] = A[i, j] / sum_k A[i, k] for prefix keys j < P; b[h, i, P] = the same share summed over the
-    high-norm patch keys. One pass over the layer; no (H, T, T) temporary for float32 input.
+    The mean over the chosen queries i of A[i, j] / sum_k A[i, k] is, for every key j at once, one
+    row vector times the rows (weights 1 / (n * sum_k A[i, k])): the shares of all keys, of which the
+    prefix keys are read and the high-norm patch keys summed. One product per layer instead of a
+    matrix-vector product per query row and key set; no (k, H, T, T) temporary for float32 input.
     """
     P = num_prefix
-    a = a.float()
-    total = a.sum(dim=-1, keepdim=True).clamp_min(1e-30)  # (H, T, 1); 1 for post-softmax rows
-    weights = torch.zeros(a.shape[-1], dtype=a.dtype, device=a.device)
-    weights[P:] = high.to(a.dtype)
-    high_mass = (a @ weights)[..., None]  # (H, T, 1)
-    return torch.cat([a[..., :P], high_mass], dim=-1) / total
+    if queries == "readout" and readout_tokens:
+        rows = a[..., list(readout_tokens), :]  # readout_rows(readout="auto"): their mean
+    elif queries == "all":
+        rows = a
+    else:  # the patch queries ("patches", or "readout" for a model that reads no prefix token)
+        rows = a[..., P:, :]
+    rows = rows.float()
+    weights = (1.0 / rows.shape[-2]) / rows.sum(dim=-1).clamp_min(1e-30)  # (k, H, n); total 1 for post-softmax rows
+    shares = (weights.unsqueeze(-2) @ rows).squeeze(-2)  # (k, H, T): each key's mean share
+    high_share = (shares[..., P:] * high[:, None, :].to(shares.dtype)).sum(dim=-1, keepdim=True)
+    return torch.cat([shares[..., :P], high_share], dim=-1)
 
 
 def token_budgets(
@@ -78,7 +84,7 @@ def token_budgets(
     when num_prefix > 0, else none), the patch queries when there are none. "all": all T queries.
 
     A layer whose patch norms hold a NaN has no defined median: its high-norm column is NaN. A NaN in an
-    attention row makes that row's budgets NaN. Works one layer of one image at a time (no full-size
+    attention row makes that row's budgets NaN. Works one layer of a few images at a time (no full-size
     temporary); the inputs are not modified.
     """
     if queries not in QUERIES:
@@ -100,16 +106,16 @@ def token_budgets(
     high = token_norm_outliers(token_norms, num_prefix=P, factor=factor)[..., :L, :]  # (..., L, N)
     undefined = torch.isnan(token_norms[..., :L, P:]).any(dim=-1)  # (..., L): no median
     out = torch.empty((*lead, L, H, P + 1), dtype=torch.float32, device=attn.device)
-    for idx in itertools.product(*(range(n) for n in lead)):
-        for layer in range(L):
-            b = _layer_budget(attn[idx + (layer,)], high[idx + (layer,)], P)  # (H, T, P + 1)
-            if queries == "patches":
-                row = b[..., P:, :].mean(dim=-2)
-            elif queries == "all":
-                row = b.mean(dim=-2)
-            else:
-                row = readout_rows(b, num_prefix=P, readout_tokens=tuple(readout_tokens), readout="auto")
-            out[idx + (layer,)] = row
+    # one layer of a few images at a time: a float32 copy of a bf16 layer stays near CHUNK_VALUES
+    step = max(1, chunks.CHUNK_VALUES // max(1, H * T * T))
+    flat_out = out.view(-1, L, H, P + 1)
+    for layer in range(L):
+        maps = attn[..., layer, :, :, :].reshape(-1, H, T, T)  # a view of the model's block (L outermost)
+        flags = high[..., layer, :].reshape(-1, T - P)
+        for i in range(0, maps.shape[0], step):
+            flat_out[i : i + step, layer] = _layer_budget(
+                maps[i : i + step], flags[i : i + step], P, queries, tuple(readout_tokens)
+            )
     out[..., P] = out[..., P].masked_fill(undefined[..., None], float("nan"))
     return out
 
