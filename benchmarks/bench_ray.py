@@ -1,6 +1,9 @@
-"""`vit-lens analyze --engine ray` against the in-process engine, on the same images, in one run.
+"""`vit-lens analyze --engine ray` (or `evaluate`) against the in-process engine, on the same images, in one run.
 
-python -m benchmarks.bench_ray [--model vit-b16|demo] [--images 48] [--batch-size 8] [--repeats 2]
+python -m benchmarks.bench_ray [--command analyze|evaluate] [--model vit-b16|demo] [--images 48]
+    [--batch-size 8] [--repeats 2]
+
+`evaluate` runs with its default modes, steps and randomization.
 
 The two engines run alternately in this process (the in-process CLI, then the Ray engine on a
 local Ray started here with every core of the machine), each into a fresh output folder, on N
@@ -27,8 +30,8 @@ from benchmarks.common import machine, write_images, write_random_checkpoint
 from viz_app import cli
 
 
-def run(model: str, images: Path, out: Path, batch: int, engine: str) -> tuple[float, dict]:
-    argv = ["analyze", "--model", model, "--device", "cpu", "--batch-size", str(batch), "--engine", engine]
+def run(command: str, model: str, images: Path, out: Path, batch: int, engine: str) -> tuple[float, dict]:
+    argv = [command, "--model", model, "--device", "cpu", "--batch-size", str(batch), "--engine", engine]
     t = time.perf_counter()
     with contextlib.redirect_stderr(io.StringIO()):  # the progress bars
         rc = cli.main([*argv, "--out", str(out), str(images)])
@@ -40,6 +43,7 @@ def run(model: str, images: Path, out: Path, batch: int, engine: str) -> tuple[f
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--command", default="analyze", choices=["analyze", "evaluate"])
     p.add_argument("--model", default="vit-b16", choices=["vit-b16", "demo"])
     p.add_argument("--images", type=int, default=48, help="N: the runs take N and 2N images")
     p.add_argument("--batch-size", type=int, default=8)
@@ -51,7 +55,9 @@ def main(argv: list[str] | None = None) -> None:
 
     n = args.images
     print(f"machine: {machine()}")
-    print(f"ray {ray.__version__}; N = {n} JPEGs (crops of the example photos), --batch-size {args.batch_size}")
+    print(
+        f"vit-lens {args.command}; ray {ray.__version__}; N = {n} JPEGs (crops of the example photos), --batch-size {args.batch_size}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_images(tmp / "all", 2 * n)
@@ -72,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
             for r in range(args.repeats):
                 for count in (n, 2 * n):
                     for engine in ("local", "ray"):
-                        got = run(model, folders[count], tmp / f"{engine}{count}-{r}", args.batch_size, engine)
+                        out = tmp / f"{engine}{count}-{r}"
+                        got = run(args.command, model, folders[count], out, args.batch_size, engine)
                         if (engine, count) not in best or got[0] < best[engine, count][0]:
                             best[engine, count] = got
         finally:

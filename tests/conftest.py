@@ -34,6 +34,20 @@ def media(monkeypatch) -> dict[str, bytes]:
     return seen
 
 
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local 2-CPU Ray shared by a test module (starting one takes seconds); the engines use a
+    Ray that is already running as it is and leave it running."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(0)

@@ -28,18 +28,6 @@ BATCH = "2"
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def images(tmp_path_factory):
     """Five images (two of them named img0, in different folders) and one file that is no image."""
     folder = tmp_path_factory.mktemp("imgs")

@@ -3,6 +3,7 @@
 vit-lens evaluate --model SOURCE --out DIR [IMAGES_OR_DIRS...] [--scenes N] [--modes drop,pixels]
     [--steps 10] [--randomization cascade|independent|none] [--class C] [--head L,H]
     [--batch-size B] [--device auto] [--settings FILE] [rollout flags as in `analyze`]
+    [--engine local|ray] [--address RAY_ADDRESS]
 
 Per batch of images: one forward pass with gradients (target: each image's top-1, or --class),
 the maps of probes.attribution_maps (rollout with the settings, gradient rollout, last layer's
@@ -10,7 +11,9 @@ read-out attention mean over heads, one head with --head), their perturbation cu
 removal mode and both directions next to the centre prior and a random order
 (probes.faithfulness_curves), and the model randomization of the whole batch
 (probes.randomization). On generated scenes (--scenes N) the pointing game (loose and strict) and
-the energy of every map against the scene's target mask (viz_app.demo.evaluate) as well.
+the energy of every map against the scene's target mask (viz_app.demo.evaluate) as well. Each
+batch's rows and numbers are one Part (evaluate_batch); an engine supplies the parts in input
+order: LocalEngine here, ray_evaluate.RayEngine with --engine ray.
 
 Outputs in DIR, each written under a temporary name and renamed when complete:
 faithfulness.csv, randomization.csv, pointing.csv (scenes), summary.json, faithfulness.png,
@@ -118,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollout-discard", type=float, default=None, help="share in [0, 1) zeroed per layer")
     p.add_argument("--rollout-readout", choices=report.READOUTS, default=None)
     p.add_argument("--rollout-layers", default=None, metavar="FIRST-LAST", help="1-based, inclusive (e.g. 4-12)")
+    p.add_argument(
+        "--engine",
+        default="local",
+        choices=["local", "ray"],
+        help="local: this process (the default); ray: a Ray Data pipeline, on a local Ray started here or on "
+        "--address (needs requirements-ray.txt; inputs may be s3://, gs://, hdfs:// URIs)",
+    )
+    p.add_argument(
+        "--address", default=None, help="with --engine ray: an existing Ray cluster (e.g. HOST:6379 or auto)"
+    )
     # what cli.settings_from_args reads and evaluate has no flag for
     p.set_defaults(grad_rollout=False, grad_class=None, save_attentions=False, query_patch=None, drop_prefix=None)
     p.set_defaults(**dict.fromkeys(("class_method", "class_maps", "contrast", "mask_tau", "high_norm_factor"), None))
@@ -166,6 +179,7 @@ class Batch:
     labels: np.ndarray | None = None  # scenes: (B,) true classes
     masks: np.ndarray | None = None  # scenes: (B, S, S) bool target masks in model-input pixels
     size: int = 0  # inputs this batch accounts for (evaluated + skipped)
+    ids: list[int] = field(default_factory=list)  # each image's id: its position among the inputs (or scenes)
 
 
 def scene_pixels(images: np.ndarray, preprocessing) -> torch.Tensor:
@@ -194,14 +208,16 @@ def scene_batches(n: int, seed: int, size: int, batch_size: int, preprocessing) 
                 labels=np.array([p[2] for p in part]),
                 masks=np.stack([p[3] for p in part]),
                 size=len(part),
+                ids=[p[0] for p in part],
             )
 
 
 def image_batches(files: list[Path], batch_size: int, preprocessing, executor) -> Iterator[Batch]:
     """Image files in batches, decoded by cli.read_batch (no original kept: evaluate draws no
     overlay), the next batch read while this one runs. Images of the same name are told apart as
-    analyze's outputs are (cli.free_stems: x, x_1, ...)."""
+    analyze's outputs are (cli.free_stems: x, x_1, ...); an image's id is its position in `files`."""
     stems = cli.free_stems([f.stem for f in files], ("",), set())
+    index = {stem: i for i, stem in enumerate(stems)}
     chunks = [(files[i : i + batch_size], stems[i : i + batch_size]) for i in range(0, len(files), batch_size)]
 
     def read(k: int):
@@ -213,7 +229,13 @@ def image_batches(files: list[Path], batch_size: int, preprocessing, executor) -
         if k + 1 < len(chunks):
             nxt = read(k + 1)
         pixels = torch.stack([it.prepared.pixels for it in items]) if items else torch.zeros(0)
-        yield Batch([it.stem for it in items], pixels, skipped=bad, size=len(chunks[k][0]))
+        yield Batch(
+            [it.stem for it in items],
+            pixels,
+            skipped=bad,
+            size=len(chunks[k][0]),
+            ids=[index[it.stem] for it in items],
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,6 +335,39 @@ class Tally:
     images: int = 0
     non_finite: list[str] = field(default_factory=list)  # images whose forward gave NaN or Inf
 
+    def merge(self, part: Tally) -> None:
+        """Add one batch's tally (evaluate_batch's) to this one; merged in input order, the lists
+        keep the images in input order."""
+        if not self.maps:
+            self.maps = list(part.maps)
+        for name in ("auc", "auc_top1", "vs_random", "curves", "spearman", "ssim"):
+            mine = getattr(self, name)
+            for key, values in getattr(part, name).items():
+                mine.setdefault(key, []).extend(values)
+        if part.fractions is not None:
+            self.fractions, self.score_name = part.fractions, part.score_name
+        for mode, n in part.forwards.items():
+            self.forwards[mode] = self.forwards.get(mode, 0) + n
+        self.rand_labels = part.rand_labels or self.rand_labels
+        for name, scores in part.pointing.items():
+            mine = self.pointing.setdefault(name, {})
+            for key, values in scores.items():
+                mine.setdefault(key, []).extend(values)
+        self.correct += part.correct
+        self.images += part.images
+        self.non_finite += part.non_finite
+
+
+@dataclass
+class Part:
+    """What one batch adds to a run: the rows of each table (CSV_NAMES' keys) and its tally. The
+    same for both engines: the local one computes it in-process, the Ray one in a model actor."""
+
+    rows: dict[str, list[list]]
+    tally: Tally
+    size: int = 0  # inputs the batch accounts for (evaluated + skipped)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (input, why)
+
 
 class _Progress(cli.Progress):
     """analyze's progress bar, also moved within a batch (curves and randomization take a while)."""
@@ -335,11 +390,11 @@ class _Progress(cli.Progress):
             self.end_line()
 
 
-def evaluate_batch(
-    lm, batch: Batch, args: argparse.Namespace, rollout_kw: dict, tally: Tally, out: dict[str, AtomicCsv], progress
-) -> None:
-    """Every number of one batch: rows go to the CSVs, per-image values into the tally."""
+def evaluate_batch(lm, batch: Batch, args: argparse.Namespace, rollout_kw: dict, progress) -> Part:
+    """Every number of one batch: its table rows and per-image values (Part). Each image's random
+    orders and baselines are seeded by its id (Batch.ids), so they do not depend on the batching."""
     c = lm.config
+    tally, out = Tally(), {}
     B = len(batch.names)
     pixels = batch.pixels.to(lm.device, lm.dtype)
     gradients = c.num_classes > 0 and lm.model.head is not None
@@ -355,7 +410,6 @@ def evaluate_batch(
     tally.non_finite += [n for n, ok in zip(batch.names, finite.tolist()) if not ok]
     maps = probes.attribution_maps(lm, fwd, rollout_kw, head=args.head)
     target_np = None if fwd.target is None else fwd.target.cpu().numpy()
-    start = tally.images
     rows = []
     for i, mode in enumerate(args.modes):
         curves = probes.faithfulness_curves(
@@ -366,7 +420,7 @@ def evaluate_batch(
             steps=args.steps,
             target=target_np,
             seed=args.seed + 1,  # streams apart from the scenes' SeedSequence([seed, first])
-            image_ids=[start + b for b in range(B)],  # per image: the same whatever the batch size
+            image_ids=list(batch.ids),  # per image: the same whatever the batch size
             progress=lambda f, i=i, mode=mode: progress.within(B, (i + f) / stages, f"curves ({mode})"),
         )
         tally.fractions, tally.score_name = curves.fractions, curves.score_name
@@ -398,7 +452,7 @@ def evaluate_batch(
                             *curves.scores[key][b],
                         ]
                     )
-    out["faithfulness"].write(rows)
+    out["faithfulness"] = rows
     if args.randomization != "none":
         r = probes.randomization(
             lm.model,
@@ -421,13 +475,13 @@ def evaluate_batch(
             for b in range(B):
                 for s, lab in enumerate(r.labels):
                     rows.append([batch.names[b], name, r.kind, lab, s, r.spearman[name][s, b], r.ssim[name][s, b]])
-        out["randomization"].write(rows)
+        out["randomization"] = rows
     if batch.masks is not None:
         pmask = patch_masks(batch.masks, c.patch_size)
         scored = dict(maps)
         scored[probes.CENTRE] = np.broadcast_to(centre_prior(c.grid), (B, *c.grid))
         scored[probes.RANDOM] = np.stack(
-            [np.random.default_rng([args.seed, start + b, 1]).random(c.grid) for b in range(B)]
+            [np.random.default_rng([args.seed, batch.ids[b], 1]).random(c.grid) for b in range(B)]
         )
         rows = []
         for name, m in scored.items():
@@ -441,10 +495,11 @@ def evaluate_batch(
             for b in range(B):
                 pred = None if fwd.logits is None else int(fwd.logits[b].argmax())
                 rows.append([batch.names[b], name, int(batch.labels[b]), pred, hit[b], strict[b], en[b]])
-        out["pointing"].write(rows)
+        out["pointing"] = rows
         if fwd.logits is not None and tuple(lm.labels or ()) == CLASSES:  # the scenes' labels are the demo's
             tally.correct += (fwd.logits.argmax(-1).cpu().numpy() == batch.labels).tolist()
     tally.images += B
+    return Part(out, tally, size=batch.size, skipped=[(str(p), why) for p, why in batch.skipped])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -707,17 +762,53 @@ def randomization_png(tally: Tally, kind: str, *, title: str = "") -> np.ndarray
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.engine == "ray":  # imports Ray only here (viz_app/ray_evaluate.py)
+        from viz_app import ray_evaluate
+
+        return ray_evaluate.run(args, argv)
+    if args.address is not None:
+        raise cli.UsageError("--address needs --engine ray")
     settings = cli.settings_from_args(args)
     files, unreadable = (None, []) if args.scenes is not None else cli.collect_inputs(args.inputs)
     with cli.OutputFolder(args.out) as folder:  # created, locked and checked writable before the model loads
-        return _run(args, argv, settings, files, unreadable, folder)
+        return _run(args, argv, settings, files, unreadable, folder, LocalEngine())
 
 
-def _run(args, argv, settings, files: list[Path] | None, unreadable, folder: cli.OutputFolder) -> int:
+class LocalEngine:
+    """The in-process engine: the next batch decoded while this one runs (where cores are free),
+    every batch evaluated here."""
+
+    name = "local"
+
+    def model_device(self, args: argparse.Namespace) -> str:
+        """Where the command's own model runs (here: the run's device)."""
+        return args.device
+
+    def parts(self, lm, args, inputs: list | None, rollout_kw: dict, progress) -> Iterator[Part]:
+        c = lm.config
+        pool = (lambda: ThreadPoolExecutor(1)) if cli.overlap_stages(lm.device) else cli.InlineExecutor
+        with pool() as reader:
+            if inputs is None:
+                batches = scene_batches(args.scenes, args.seed, c.image_size[0], args.batch_size, lm.preprocessing)
+            else:
+                batches = image_batches(inputs, args.batch_size, lm.preprocessing, reader)
+            for batch in batches:
+                if batch.names:
+                    yield evaluate_batch(lm, batch, args, rollout_kw, progress)
+                else:
+                    yield Part({}, Tally(), size=batch.size, skipped=[(str(p), w) for p, w in batch.skipped])
+
+    def summary(self) -> dict:
+        return {"name": self.name}
+
+
+def _run(args, argv, settings, files: list | None, unreadable, folder: cli.OutputFolder, engine) -> int:
+    """The command on either engine: files (None for --scenes) are what engine.parts reads (paths
+    here, ray_evaluate's sources there); the tables, plots and summary are written here."""
     names = {k: folder.reserve(v) for k, v in CSV_NAMES.items()}
     plot_names = {k: folder.reserve(f"{k}.png") for k in ("faithfulness", "randomization")}
     try:
-        lm = load_checkpoint(args.model, device=args.device, dtype=args.dtype, image_size=args.image_size)
+        lm = load_checkpoint(args.model, device=engine.model_device(args), dtype=args.dtype, image_size=args.image_size)
     except (ViTLensError, ValueError) as e:
         raise cli.UsageError(f"cannot load model {args.model!r}: {e}") from None
     c = lm.config
@@ -737,7 +828,8 @@ def _run(args, argv, settings, files: list[Path] | None, unreadable, folder: cli
         raise cli.UsageError(f"--scenes needs a square input; the model takes {c.image_size[0]}x{c.image_size[1]}")
     total = args.scenes if files is None else len(files)
     gradients = c.num_classes > 0 and lm.model.head is not None  # as evaluate_batch runs it
-    cli.check_memory(lm, min(args.batch_size, total), gradients=gradients)
+    if engine.name == "local":  # the Ray engine's actors load their own model, maybe on other machines
+        cli.check_memory(lm, min(args.batch_size, total), gradients=gradients)
     out = folder.path
     start = time.monotonic()
     csvs: dict[str, AtomicCsv] = {}
@@ -750,6 +842,16 @@ def _run(args, argv, settings, files: list[Path] | None, unreadable, folder: cli
         skipped.append({"file": str(path), "reason": reason})
     plots: dict[str, str] = {}
     failure = None
+
+    def record(part: Part) -> None:  # one batch's rows into the tables, its numbers into the tally
+        for path, reason in part.skipped:
+            progress.note(f"skipped {path}: {reason}")
+            skipped.append({"file": path, "reason": reason})
+        for name, rows in part.rows.items():
+            csvs[name].write(rows)
+        tally.merge(part.tally)
+        progress.step(part.size)
+
     try:
         try:
             csvs["faithfulness"] = AtomicCsv(
@@ -767,19 +869,8 @@ def _run(args, argv, settings, files: list[Path] | None, unreadable, folder: cli
                     names["pointing"],
                     ["image", "map", "label", "predicted", "pointing", "pointing_strict", "energy"],
                 )
-            pool = (lambda: ThreadPoolExecutor(1)) if cli.overlap_stages(lm.device) else cli.InlineExecutor
-            with pool() as reader:
-                if files is None:
-                    batches = scene_batches(args.scenes, args.seed, c.image_size[0], args.batch_size, lm.preprocessing)
-                else:
-                    batches = image_batches(files, args.batch_size, lm.preprocessing, reader)
-                for batch in batches:
-                    for path, reason in batch.skipped:
-                        progress.note(f"skipped {path}: {reason}")
-                        skipped.append({"file": str(path), "reason": reason})
-                    if batch.names:
-                        evaluate_batch(lm, batch, args, rollout_kw, tally, csvs, progress)
-                    progress.step(batch.size)
+            for part in engine.parts(lm, args, files, rollout_kw, progress):
+                record(part)
             for f in csvs.values():
                 f.commit()
         finally:
@@ -832,6 +923,7 @@ def _run(args, argv, settings, files: list[Path] | None, unreadable, folder: cli
         "files": {k: f.name for k, f in csvs.items() if f.name in written},
         "wall_time_s": round(wall, 3),
         "images_per_s": round(tally.images / max(wall, 1e-9), 4),
+        "engine": engine.summary(),
         "exit_status": status,
         "non_finite": {"images": tally.non_finite, "note": "images whose forward pass gave NaN or Inf"},
         "written_by": f"{cli.PROG} evaluate",

@@ -251,19 +251,19 @@ def local_sources(files: list[Path]) -> tuple[list[Source], list[tuple[Path, str
 # ------------------------------------------------------------------------ Ray stages
 
 
-def _decode(batch: dict, *, filesystems: list, preprocessing) -> dict:
-    """Ray task: read and prepare a batch of images -> rows of (i, error, pickled cli.Item)."""
+def _decode(batch: dict, *, filesystems: list, preprocessing, keep_original: bool = True) -> dict:
+    """Ray task: read and prepare a batch of images -> rows of (i, error, pickled cli.Item).
+    keep_original=False (evaluate) keeps no original for an overlay."""
     errors, items = [], []
     for fs_index, fs_path, size, stem in zip(batch["fs"], batch["fs_path"], batch["size"], batch["stem"]):
         error, blob = "", b""
         if fs_index < 0:  # a local file: the local engine's own reader
-            one = cli.read_one(Path(fs_path), stem, preprocessing)
+            one = cli.read_one(Path(fs_path), stem, preprocessing, keep_original)
         else:
             name = PurePosixPath(fs_path).name
             try:
-                one = cli.read_one(
-                    Path(name), stem, preprocessing, data=_read_remote(filesystems[fs_index], fs_path, int(size), name)
-                )
+                data = _read_remote(filesystems[fs_index], fs_path, int(size), name)
+                one = cli.read_one(Path(name), stem, preprocessing, keep_original, data=data)
             except ImageError as e:  # too large or unreadable
                 one = (Path(name), str(e))
         if isinstance(one, cli.Item):
@@ -342,14 +342,19 @@ class _Model:
         }
 
     def _hook(self) -> None:
-        if self.hooks.get("sleep"):
-            time.sleep(float(self.hooks["sleep"]))
-        if self.hooks.get("fail_on_batch") == self.calls:
-            raise RuntimeError("a test hook failed this batch")
-        n, marker = self.hooks.get("exit_on_batch"), self.hooks.get("exit_marker")
-        if n and marker and self.calls == n and not os.path.exists(marker):
-            Path(marker).touch()
-            os._exit(1)  # the worker process dies here, as on an out-of-memory kill
+        run_test_hooks(self.hooks, self.calls)
+
+
+def run_test_hooks(hooks: dict, calls: int) -> None:
+    """What the tests' hooks (_Model's docstring) do before a model actor's `calls`-th batch."""
+    if hooks.get("sleep"):
+        time.sleep(float(hooks["sleep"]))
+    if hooks.get("fail_on_batch") == calls:
+        raise RuntimeError("a test hook failed this batch")
+    n, marker = hooks.get("exit_on_batch"), hooks.get("exit_marker")
+    if n and marker and calls == n and not os.path.exists(marker):
+        Path(marker).touch()
+        os._exit(1)  # the worker process dies here, as on an out-of-memory kill
 
 
 class _Capture:

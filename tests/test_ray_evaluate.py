@@ -1,0 +1,144 @@
+"""`vit-lens evaluate --engine ray` (viz_app/ray_evaluate.py) on a local 2-CPU Ray: the tables
+and the summary equal the in-process engine's for images (one of them unreadable) and for the demo
+scenes, a model actor killed in the middle loses nothing, a batch that fails for good is one line
+and leaves no table, and the local engine never imports Ray."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from viz_app import evaluate as ev
+from viz_app import ray_engine
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["--model", "demo", "--device", "cpu", "--steps", "3", "--batch-size", "2"]
+# what may differ between the engines' summaries: how the command was called, how long it took, and how it ran
+RUN_KEYS = {"command", "wall_time_s", "images_per_s", "engine"}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Five images of different sizes and one file that is no image, in the middle of the order."""
+    folder = tmp_path_factory.mktemp("imgs")
+    g = np.random.default_rng(1)
+    for i, (w, h) in enumerate([(80, 60), (64, 64), (50, 120), (200, 150), (96, 96)]):
+        Image.fromarray(g.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    (folder / "img1b.png").write_bytes(b"not an image at all")
+    return folder
+
+
+def evaluate(out: Path, *args: str) -> int:
+    return ev.main([*COMMON, "--out", str(out), *args])
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def same_run(a: Path, b: Path, tables: tuple[str, ...]) -> None:
+    """The same tables, byte for byte (rows in input order, numbers from the same batches), and the
+    same summary but for RUN_KEYS."""
+    for name in tables:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    sa, sb = summary(a), summary(b)
+    assert {k: v for k, v in sa.items() if k not in RUN_KEYS} == {k: v for k, v in sb.items() if k not in RUN_KEYS}
+
+
+@pytest.fixture(scope="module")
+def local_images(tmp_path_factory, images):
+    out = tmp_path_factory.mktemp("local") / "out"
+    assert evaluate(out, str(images)) == 1  # the unreadable file is skipped
+    return out
+
+
+@pytest.mark.slow
+def test_images_on_ray_give_the_local_tables_and_summary(tmp_path, images, local_images, ray_session):
+    out = tmp_path / "out"
+    assert evaluate(out, "--engine", "ray", str(images)) == 1
+    same_run(local_images, out, ("faithfulness.csv", "randomization.csv"))
+    s = summary(out)
+    assert s["inputs"]["evaluated"] == 5 and [x["file"] for x in s["inputs"]["skipped"]] == [str(images / "img1b.png")]
+    assert s["engine"]["name"] == "ray" and s["engine"]["model_actors"] == 1
+    assert summary(local_images)["engine"] == {"name": "local"}
+    assert (out / "faithfulness.png").exists() and (out / "randomization.png").exists()
+    rows = list(csv.DictReader((out / "faithfulness.csv").open()))
+    assert {r["image"] for r in rows} == {f"img{i}" for i in range(5)}
+
+
+@pytest.mark.slow
+def test_scenes_on_ray_give_the_local_tables_and_summary(tmp_path, ray_session):
+    args = ["--scenes", "5", "--modes", "drop", "--randomization", "none"]
+    assert evaluate(tmp_path / "local", *args) == 0
+    assert evaluate(tmp_path / "ray", "--engine", "ray", *args) == 0
+    same_run(tmp_path / "local", tmp_path / "ray", ("faithfulness.csv", "pointing.csv"))
+    assert summary(tmp_path / "ray")["inputs"]["evaluated"] == 5
+
+
+@pytest.mark.slow
+def test_a_killed_model_actor_loses_nothing(tmp_path, images, local_images, ray_session, monkeypatch):
+    """The actor's process ends (os._exit) on its second batch: Ray starts another, which runs the
+    batch again; the run ends with the in-process tables."""
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(ray_engine.TEST_HOOKS, json.dumps({"exit_on_batch": 2, "exit_marker": str(marker)}))
+    out = tmp_path / "out"
+    assert evaluate(out, "--engine", "ray", str(images)) == 1
+    assert marker.exists()  # the actor did die
+    same_run(local_images, out, ("faithfulness.csv", "randomization.csv"))
+
+
+@pytest.mark.slow
+def test_a_batch_that_fails_for_good_is_one_line_and_leaves_no_table(
+    tmp_path, images, ray_session, monkeypatch, capsys
+):
+    monkeypatch.setenv(ray_engine.TEST_HOOKS, json.dumps({"fail_on_batch": 2}))
+    out = tmp_path / "out"
+    assert evaluate(out, "--engine", "ray", str(images)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("vit-lens: error: the Ray pipeline stopped: RuntimeError: a test hook failed this batch")
+    assert not any("Traceback" in line for line in err)
+    s = summary(out)
+    assert s["complete"] is False and s["exit_status"] == 2 and "RuntimeError" in s["stopped"]
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json"]  # no table, no temporary file
+
+
+def test_evaluate_address_needs_engine_ray_and_ray_missing_is_one_line(tmp_path, images, monkeypatch, capsys):
+    assert evaluate(tmp_path / "a", "--address", "auto", str(images)) == 2
+    assert "--address needs --engine ray" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    assert evaluate(tmp_path / "b", "--engine", "ray", str(images)) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "requirements-ray.txt" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_local_evaluate_never_imports_ray(tmp_path, images):
+    code = (
+        "import sys\nfrom viz_app.cli import main\n"
+        f"rc = main(['evaluate', '--model', 'demo', '--steps', '2', '--randomization', 'none', '--out', "
+        f"{str(tmp_path / 'o')!r}, {str(images / 'img0.png')!r}])\n"
+        "assert rc == 0, rc\nassert 'ray' not in sys.modules and 'viz_app.ray_evaluate' not in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_part_merged_in_order_is_the_tally_of_one_batch():
+    """Tally.merge: two batches' tallies, merged, hold what one batch of both images holds."""
+    a, b = ev.Tally(), ev.Tally()
+    for t, v in ((a, 0.25), (b, 0.75)):
+        t.maps = ["rollout"]
+        t.auc[("drop", "deletion", "rollout")] = [v]
+        t.pointing["rollout"] = {"pointing": [v]}
+        t.forwards["drop"] = 4
+        t.images = 1
+    run = ev.Tally()
+    run.merge(a)
+    run.merge(b)
+    assert run.maps == ["rollout"] and run.auc == {("drop", "deletion", "rollout"): [0.25, 0.75]}
+    assert run.pointing == {"rollout": {"pointing": [0.25, 0.75]}} and run.forwards == {"drop": 8} and run.images == 2
