@@ -1,6 +1,6 @@
 """Batch CLI throughput vs a bare forward pass of the same model at the same batch size.
 
-python -m benchmarks.bench_cli [--images 128] [--batch-size 8] [--repeats 2] [--profile]
+python -m benchmarks.bench_cli [--images 128] [--batch-size 8] [--repeats 2] [--profile | --analyses]
 
 Each repeat runs the bare forward, the forward returning maps and the CLI once each; the best of
 each is reported, and the CLI/bare ratio of each repeat's own pair (median and range), which
@@ -85,16 +85,45 @@ def profile(images: int, batch_size: int, top: int = 30) -> None:
     pstats.Stats(prof).sort_stats("cumulative").print_stats(top)
 
 
+def analyses(batch_size: int, repeats: int = 5) -> dict[str, float]:
+    """Milliseconds (best of `repeats`) of report.analyze_batch and of its heaviest parts, on the
+    maps of one batch of random ViT-B/16 weights (what each CLI batch spends beside the forward)."""
+    from viz_app import analysis as A
+    from viz_app import report
+    from viz_app.pipeline import run_forward
+
+    with tempfile.TemporaryDirectory() as d:
+        lm = load_checkpoint(write_random_checkpoint(Path(d)))
+    x = torch.randn(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    settings = report.Settings()
+    c = lm.config
+    with torch.inference_mode():
+        fwd = run_forward(lm.model, x, attention_out=lm.model.new_attention_block(batch_size))
+        attn, P = fwd.attentions, c.num_prefix_tokens
+        parts = {
+            "analyze_batch (all of it)": lambda: report.analyze_batch(lm, fwd, settings),
+            "distances (both conventions, prefix share)": lambda: report._distances(attn, lm),
+            "attention_entropy": lambda: A.attention_entropy(attn),
+            "token_budgets": lambda: A.token_budgets(attn, fwd.token_norms, num_prefix=P),
+            "rollout_per_layer": lambda: A.rollout_per_layer(attn, **report.per_layer_options(c, settings)),
+        }
+        return {name: 1e3 * best_of(fn, repeats=repeats) for name, fn in parts.items()}
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--images", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--profile", action="store_true", help="one CLI run under cProfile instead")
+    p.add_argument("--analyses", action="store_true", help="the analyses of one batch, timed part by part, instead")
     a = p.parse_args()
     print(machine())
     if a.profile:
         profile(a.images, a.batch_size)
+    elif a.analyses:
+        for name, ms in analyses(a.batch_size).items():
+            print(f"{name:44s} {ms:7.1f} ms")
     else:
         r = run(a.images, a.batch_size, a.repeats)
         for k, v in r.items():

@@ -142,3 +142,16 @@ def test_a_part_merged_in_order_is_the_tally_of_one_batch():
     run.merge(b)
     assert run.maps == ["rollout"] and run.auc == {("drop", "deletion", "rollout"): [0.25, 0.75]}
     assert run.pointing == {"rollout": {"pointing": [0.25, 0.75]}} and run.forwards == {"drop": 8} and run.images == 2
+
+
+def test_the_driver_checks_in_a_precision_its_cpu_has_and_the_summary_names_the_runs():
+    """tf32 and fp16 are GPU formats: a CPU-only driver (a cluster's head node) checks the arguments
+    with fp32 weights, and summary.json names the precision the actors ran in."""
+    assert [ray_engine.driver_precision(p) for p in ("fp32", "tf32", "bf16", "fp16")] == [
+        "fp32",
+        "fp32",
+        "bf16",
+        "fp32",
+    ]
+    assert ray_engine.run_precision("tf32") == {"dtype": "float32", "precision": "tf32"}
+    assert ray_engine.run_precision("fp16") == {"dtype": "float16", "precision": "fp16"}

@@ -780,9 +780,13 @@ class LocalEngine:
 
     name = "local"
 
-    def model_device(self, args: argparse.Namespace) -> str:
-        """Where the command's own model runs (here: the run's device)."""
-        return args.device
+    def model_place(self, args: argparse.Namespace) -> tuple[str, str]:
+        """(device, precision) of the command's own model: here, the run's."""
+        return args.device, args.dtype
+
+    def model_meta(self) -> dict:
+        """What summary.json's "model" says beside the command's own model (here: nothing)."""
+        return {}
 
     def parts(self, lm, args, inputs: list | None, rollout_kw: dict, progress) -> Iterator[Part]:
         c = lm.config
@@ -808,7 +812,8 @@ def _run(args, argv, settings, files: list | None, unreadable, folder: cli.Outpu
     names = {k: folder.reserve(v) for k, v in CSV_NAMES.items()}
     plot_names = {k: folder.reserve(f"{k}.png") for k in ("faithfulness", "randomization")}
     try:
-        lm = load_checkpoint(args.model, device=engine.model_device(args), dtype=args.dtype, image_size=args.image_size)
+        device, precision = engine.model_place(args)
+        lm = load_checkpoint(args.model, device=device, dtype=precision, image_size=args.image_size)
     except (ViTLensError, ValueError) as e:
         raise cli.UsageError(f"cannot load model {args.model!r}: {e}") from None
     c = lm.config
@@ -893,7 +898,7 @@ def _run(args, argv, settings, files: list | None, unreadable, folder: cli.Outpu
     written = set(folder.written)
     summary = {
         "command": [cli.PROG, "evaluate", *argv],
-        "model": report.model_meta(lm, str(args.model)),
+        "model": report.model_meta(lm, str(args.model)) | engine.model_meta(),
         "settings": {
             "rollout": {k: v for k, v in settings.to_dict().items() if k.startswith("rollout_")},
             "target_class": args.target_class,

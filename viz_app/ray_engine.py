@@ -61,6 +61,7 @@ import numpy as np
 import torch
 
 from model import ViTLensError, load_checkpoint
+from model.device import PRECISIONS, precisions_for
 from model.errors import first_line
 from model.preprocess import MAX_BYTES, ImageError
 from viz_app import cli, render, report
@@ -653,7 +654,7 @@ def _analyze(ray, args, settings, remote, files, unreadable, filesystems, folder
     if not sources:
         raise UsageError(f"no images found in the given inputs (only the {own} files an earlier vit-lens run wrote)")
     try:  # on the driver: checks the arguments, writes model.npz; the actors load their own
-        lm = load_checkpoint(args.model, device="cpu", dtype=args.dtype, image_size=args.image_size)
+        lm = load_checkpoint(args.model, device="cpu", dtype=driver_precision(args.dtype), image_size=args.image_size)
     except (ViTLensError, ValueError) as e:
         raise UsageError(f"cannot load model {args.model!r}: {e}") from None
     settings = cli.settings_for_model(settings, lm.config)
@@ -669,6 +670,18 @@ def _analyze(ray, args, settings, remote, files, unreadable, filesystems, folder
     finally:
         if ours:
             ray.shutdown()
+
+
+def driver_precision(precision: str) -> str:
+    """The precision the driver's own model loads in, on its CPU, to check the arguments and write
+    model.npz: the run's where a CPU has it, else fp32 (the same weights and configuration; tf32
+    and fp16 are GPU formats, which the actors load on their devices)."""
+    return precision if precision in precisions_for("cpu") else "fp32"
+
+
+def run_precision(precision: str) -> dict:
+    """summary.json's dtype and precision of a run whose actors load the model in `precision`."""
+    return {"dtype": str(PRECISIONS[precision]).removeprefix("torch."), "precision": precision}
 
 
 def _plan_actors(ray, device: str) -> dict:
@@ -737,56 +750,61 @@ def _run(ray, args, settings, lm, sources, unreadable, own, filesystems, folder,
         if not final:  # everything this run may write, so a killed run leaves its files claimed
             written = list(dict.fromkeys(written + planned))
         earlier = sorted((set(folder.earlier) | set(resumed_files)) - set(written))
-        return cli.summary_head(str(args.model), lm, settings, ",".join(sorted(devices)) or plan["device"]) | {
-            "images": {entries[i]["stem"]: entries[i]["entry"] for i in sorted(entries)},
-            "skipped": skipped,
-            "mean_attention_distance": None if mad_mean is None else mad_mean.tolist(),
-            "wall_time_s": round(time.monotonic() - started, 3),
-            "written_by": f"{cli.PROG} analyze",
-            "complete": final and status in (0, 1),
-            "stopped": (
-                "the run has not ended (or was killed): `written` lists every name it may write"
-                if not final
-                else "interrupted"
-                if state["interrupted"]
-                else state["failure"]
-            ),
-            "not_written": [s.file for s in sources if s.file not in done],
-            "files": {k: (v if v in folder.written else None) for k, v in run_names.items()},
-            "written": written,
-            "files_from_earlier_runs": earlier,
-            "non_finite": {
-                "images": non_finite,
-                "note": "images with NaN or Inf in their arrays; left out of the mean attention distance",
-            },
-            "notes": notes,
-            "exit_status": status,
-            "engine": {
-                "name": "ray",
-                "ray_version": ray.__version__,
-                "address": args.address,
-                "run_id": run_id,
-                "fingerprint": fp,
-                "model_actors": plan["actors"],
-                "actor_device": plan["device"],
-                "images_analysed": len(entries) - len(resumed),
-                "images_resumed": len(resumed),
-                "ray_start_s": round(ray_start_s, 3),
-                # seconds from the pipeline's start to its first batch of results (workers and
-                # actors started, the model loaded in each) and to its last
-                "first_result_s": state["first_result_s"],
-                "first_batch_images": state["first_batch_images"],
-                "pipeline_s": state["pipeline_s"],
-            },
-            "parquet": {
-                "folder": PARQUET_DIR,
-                "shards": used_shards + shard_names,
-                "columns": {name: what for name, _, what in _columns()},
-                "note": "one row per image and run; an image analysed again (its input or outputs changed) has a "
-                "row in more than one shard: its current row is the one of the latest run_id among these shards",
-            },
-            "aggregates": aggregates,
-        }
+        head = cli.summary_head(str(args.model), lm, settings, ",".join(sorted(devices)) or plan["device"])
+        return (
+            head
+            | run_precision(args.dtype)
+            | {
+                "images": {entries[i]["stem"]: entries[i]["entry"] for i in sorted(entries)},
+                "skipped": skipped,
+                "mean_attention_distance": None if mad_mean is None else mad_mean.tolist(),
+                "wall_time_s": round(time.monotonic() - started, 3),
+                "written_by": f"{cli.PROG} analyze",
+                "complete": final and status in (0, 1),
+                "stopped": (
+                    "the run has not ended (or was killed): `written` lists every name it may write"
+                    if not final
+                    else "interrupted"
+                    if state["interrupted"]
+                    else state["failure"]
+                ),
+                "not_written": [s.file for s in sources if s.file not in done],
+                "files": {k: (v if v in folder.written else None) for k, v in run_names.items()},
+                "written": written,
+                "files_from_earlier_runs": earlier,
+                "non_finite": {
+                    "images": non_finite,
+                    "note": "images with NaN or Inf in their arrays; left out of the mean attention distance",
+                },
+                "notes": notes,
+                "exit_status": status,
+                "engine": {
+                    "name": "ray",
+                    "ray_version": ray.__version__,
+                    "address": args.address,
+                    "run_id": run_id,
+                    "fingerprint": fp,
+                    "model_actors": plan["actors"],
+                    "actor_device": plan["device"],
+                    "images_analysed": len(entries) - len(resumed),
+                    "images_resumed": len(resumed),
+                    "ray_start_s": round(ray_start_s, 3),
+                    # seconds from the pipeline's start to its first batch of results (workers and
+                    # actors started, the model loaded in each) and to its last
+                    "first_result_s": state["first_result_s"],
+                    "first_batch_images": state["first_batch_images"],
+                    "pipeline_s": state["pipeline_s"],
+                },
+                "parquet": {
+                    "folder": PARQUET_DIR,
+                    "shards": used_shards + shard_names,
+                    "columns": {name: what for name, _, what in _columns()},
+                    "note": "one row per image and run; an image analysed again (its input or outputs changed) has a "
+                    "row in more than one shard: its current row is the one of the latest run_id among these shards",
+                },
+                "aggregates": aggregates,
+            }
+        )
 
     notes: list[str] = []
     status = 2

@@ -120,6 +120,7 @@ class _Evaluator:
             part = evaluate.Part({}, evaluate.Tally())
         part.size = len(ids)
         return {
+            "device": np.array([str(self.lm.device)], dtype=object),
             "part": np.array([pickle.dumps(part, protocol=5)], dtype=object),
             "bad": np.array([pickle.dumps(bad, protocol=5)], dtype=object),
         }
@@ -144,11 +145,19 @@ class RayEngine:
         self.plan: dict | None = None
         self.timing: dict = {}
         self.preserve_order: bool | None = None
+        self.devices: set[str] = set()  # where the actors' models ran
+        self.precision = "fp32"
 
-    def model_device(self, args: argparse.Namespace) -> str:
+    def model_place(self, args: argparse.Namespace) -> tuple[str, str]:
         """The command's own model (argument checks, labels) loads on the driver's CPU; the actors
-        load theirs on the run's device."""
-        return "cpu"
+        load theirs on the run's device, in the run's precision."""
+        self.precision = args.dtype
+        return "cpu", ray_engine.driver_precision(args.dtype)
+
+    def model_meta(self) -> dict:
+        """The device(s) the actors ran on, and the run's precision."""
+        devices = ",".join(sorted(self.devices)) or (self.plan or {}).get("device", "cpu")
+        return {"device": devices, **ray_engine.run_precision(self.precision)}
 
     def parts(self, lm, args, sources: list | None, rollout_kw: dict, progress) -> Iterator[evaluate.Part]:
         ray = self.ray
@@ -167,6 +176,7 @@ class RayEngine:
                 if "first_result_s" not in self.timing:
                     self.timing["first_result_s"] = round(time.monotonic() - t0, 3)
                 part = pickle.loads(row["part"])
+                self.devices.add(str(row["device"]))
                 part.skipped = [(sources[i].file, why) for i, why in pickle.loads(row["bad"])]
                 yield part
         except Exception as e:  # noqa: BLE001 - Ray's errors (a task or actor that failed for good) have no common base
