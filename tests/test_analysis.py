@@ -437,7 +437,7 @@ def test_as_is_is_renormalized_times_patch_share_per_query(P):
 @pytest.mark.parametrize(
     "P, grid, dtype", [(1, (3, 3), torch.float32), (0, (2, 5), torch.float32), (5, (3, 4), torch.bfloat16)]
 )
-def test_distance_statistics_equal_the_three_functions_bit_for_bit(monkeypatch, P, grid, dtype):
+def test_distance_statistics_equal_the_three_functions_bit_for_bit_and_the_definitions(monkeypatch, P, grid, dtype):
     from viz_app.analysis import chunks
 
     T = P + grid[0] * grid[1]
@@ -449,10 +449,15 @@ def test_distance_statistics_equal_the_three_functions_bit_for_bit(monkeypatch, 
     assert torch.equal(got["as_is"], A.mean_attention_distance(attn, **kw))
     assert torch.equal(got["renormalized"], A.mean_attention_distance(attn, convention="renormalized", **kw))
     assert torch.equal(got["prefix_mass_share"], A.prefix_mass_share(attn, P))
-    # and the per-query sums against the definition, in float64
+    # mean_attention_distance shares distance_statistics' pass, prefix_mass_share does not: all
+    # three against the definitions, in float64
     a, d = attn.double(), A.patch_distances(grid, 16).double()
-    want = (a[..., P:, P:] * d).sum(-1).mean(-1)
-    torch.testing.assert_close(got["as_is"].double(), want, rtol=1e-5, atol=1e-4)
+    patches = a[..., P:, P:]
+    torch.testing.assert_close(got["as_is"].double(), (patches * d).sum(-1).mean(-1), rtol=1e-5, atol=1e-4)
+    renorm = ((patches * d).sum(-1) / patches.sum(-1)).mean(-1)
+    torch.testing.assert_close(got["renormalized"].double(), renorm, rtol=1e-5, atol=1e-4)
+    share = (a[..., P:, :P].sum(-1) / a[..., P:, :].sum(-1)).mean(-1)
+    torch.testing.assert_close(got["prefix_mass_share"].double(), share, rtol=1e-5, atol=1e-6)
     if P == 0:
         assert not got["prefix_mass_share"].any()
 

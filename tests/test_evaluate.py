@@ -2,6 +2,7 @@
 mean_ci's, its exit codes and atomic outputs match `analyze`'s."""
 
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
@@ -281,6 +282,50 @@ def test_baselines_do_not_depend_on_the_batch_size_and_foreign_labels_give_no_ac
     assert got[1].keys() == got[4].keys()
     for key, row in got[1].items():
         assert row["auc_probability"] == got[4][key]["auc_probability"], key
+
+
+def _same(a, b, where="tally") -> None:
+    """Equal, recursively: dicts and lists item by item, floats and arrays within float32 rounding."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)) and not (a and isinstance(a[0], (float, np.floating, np.ndarray))):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}[{i}]")
+    elif isinstance(a, (float, np.floating, np.ndarray, list, tuple)):
+        np.testing.assert_allclose(np.asarray(a, float), np.asarray(b, float), rtol=1e-6, atol=1e-7, err_msg=where)
+    else:
+        assert a == b, where
+
+
+def test_batches_merged_in_order_hold_what_one_batch_holds(tiny):
+    """Tally.merge over the Parts of two batches gives every field of the tally of one batch of
+    the same four scenes (the ids seed the random orders, so the batching changes nothing)."""
+    lm = load_checkpoint(str(tiny), device="cpu")
+    kw = report.rollout_options(lm.config, report.Settings())
+    args = SimpleNamespace(
+        modes=["drop", "pixels"], steps=3, randomization="cascade", target_class=None, seed=5, head=None
+    )
+
+    def parts(bs):
+        batches = ev.scene_batches(4, 5, 32, bs, lm.preprocessing)
+        return [ev.evaluate_batch(lm, b, args, kw, SimpleNamespace(within=lambda *a: None)) for b in batches]
+
+    (one,) = parts(4)
+    merged = ev.Tally()
+    halves = parts(2)
+    assert [p.tally.images for p in halves] == [2, 2]
+    for p in halves:
+        merged.merge(p.tally)
+    for field in dataclasses.fields(ev.Tally):
+        _same(getattr(one.tally, field.name), getattr(merged, field.name), field.name)
+    assert one.tally.pointing and one.tally.spearman and one.tally.curves  # every kind of field was filled
+    # and the same table rows (a batch lists its rows map by map, so their order follows the batching)
+    for name in one.rows:
+        key = lambda r: tuple(str(v) for v in r[:4])  # noqa: E731 - image, map and mode or kind, direction or label
+        _same(sorted(one.rows[name], key=key), sorted([r for p in halves for r in p.rows[name]], key=key), name)
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """`vit-lens evaluate --engine ray` (viz_app/ray_evaluate.py) on a local 2-CPU Ray: the tables
 and the summary equal the in-process engine's for images (one of them unreadable) and for the demo
 scenes, a model actor killed in the middle loses nothing, a batch that fails for good is one line
-and leaves no table, and the local engine never imports Ray."""
+and leaves no table, and the local engine never imports Ray. (Tally.merge itself: tests/test_evaluate.py.)"""
 
 import csv
 import json
@@ -73,11 +73,29 @@ def test_images_on_ray_give_the_local_tables_and_summary(tmp_path, images, local
 
 @pytest.mark.slow
 def test_scenes_on_ray_give_the_local_tables_and_summary(tmp_path, ray_session):
-    args = ["--scenes", "5", "--modes", "drop", "--randomization", "none"]
+    args = ["--scenes", "7", "--batch-size", "3", "--modes", "drop", "--randomization", "none"]
     assert evaluate(tmp_path / "local", *args) == 0
     assert evaluate(tmp_path / "ray", "--engine", "ray", *args) == 0
     same_run(tmp_path / "local", tmp_path / "ray", ("faithfulness.csv", "pointing.csv"))
-    assert summary(tmp_path / "ray")["inputs"]["evaluated"] == 5
+    assert summary(tmp_path / "ray")["inputs"]["evaluated"] == 7
+
+
+def test_a_batch_of_scenes_across_two_chunks_is_the_local_batch():
+    """Scenes are generated SCENE_CHUNK (100) at a time; a batch that spans two chunks is cut
+    from both, as the local engine's scene_batches cuts it."""
+    import pickle
+    from types import SimpleNamespace
+
+    from viz_app import ray_evaluate
+
+    assert ev.SCENE_CHUNK == 100
+    pre = SimpleNamespace(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    local = list(ev.scene_batches(130, 9, 32, 16, pre))[6]  # scenes 96 .. 111
+    row = ray_evaluate._scene_batch({"first": np.array([96]), "count": np.array([16])}, n=130, seed=9, size=32)
+    got = pickle.loads(row["payload"][0])
+    assert got["ids"] == local.ids == list(range(96, 112))
+    assert np.array_equal(got["label"], local.labels) and np.array_equal(got["mask"], local.masks)
+    assert np.array_equal(ev.scene_pixels(got["image"], pre).numpy(), local.pixels.numpy())
 
 
 @pytest.mark.slow
@@ -128,22 +146,6 @@ def test_the_local_evaluate_never_imports_ray(tmp_path, images):
     assert proc.returncode == 0, proc.stderr
 
 
-def test_a_part_merged_in_order_is_the_tally_of_one_batch():
-    """Tally.merge: two batches' tallies, merged, hold what one batch of both images holds."""
-    a, b = ev.Tally(), ev.Tally()
-    for t, v in ((a, 0.25), (b, 0.75)):
-        t.maps = ["rollout"]
-        t.auc[("drop", "deletion", "rollout")] = [v]
-        t.pointing["rollout"] = {"pointing": [v]}
-        t.forwards["drop"] = 4
-        t.images = 1
-    run = ev.Tally()
-    run.merge(a)
-    run.merge(b)
-    assert run.maps == ["rollout"] and run.auc == {("drop", "deletion", "rollout"): [0.25, 0.75]}
-    assert run.pointing == {"rollout": {"pointing": [0.25, 0.75]}} and run.forwards == {"drop": 8} and run.images == 2
-
-
 def test_the_driver_checks_in_a_precision_its_cpu_has_and_the_summary_names_the_runs():
     """tf32 and fp16 are GPU formats: a CPU-only driver (a cluster's head node) checks the arguments
     with fp32 weights, and summary.json names the precision the actors ran in."""
@@ -155,3 +157,24 @@ def test_the_driver_checks_in_a_precision_its_cpu_has_and_the_summary_names_the_
     ]
     assert ray_engine.run_precision("tf32") == {"dtype": "float32", "precision": "tf32"}
     assert ray_engine.run_precision("fp16") == {"dtype": "float16", "precision": "fp16"}
+
+
+def test_the_drivers_fp32_model_is_rounded_as_fp16_actors_hold_it_and_cpu_actors_refuse_gpu_formats():
+    import torch
+
+    from model import VisionTransformer, ViTConfig
+    from viz_app.cli import UsageError
+
+    m = VisionTransformer(ViTConfig(image_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, mlp_dim=32))
+    m.init_weights(seed=0)
+    want = {k: v.half().float() for k, v in m.state_dict().items()}
+    ray_engine.round_weights(m, torch.float16)
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in want.items())
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    ray_engine.round_weights(m, torch.float32)  # tf32 keeps float32 weights: nothing changes
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in before.items())
+    for device in ("cpu", "auto"):  # auto on a cluster without GPUs: CPU actors
+        with pytest.raises(UsageError, match="--dtype fp16 is not offered"):
+            ray_engine.check_precision({"device": device}, "fp16")
+        ray_engine.check_precision({"device": device}, "bf16")
+    ray_engine.check_precision({"device": "cuda"}, "tf32")

@@ -149,7 +149,7 @@ def test_low_precision_attention_is_read_as_float32():
 
 
 @pytest.mark.parametrize("queries", ["patches", "readout", "all"])
-def test_budgets_taken_a_few_images_at_a_time_equal_one_by_one(monkeypatch, queries):
+def test_budgets_taken_a_few_images_at_a_time_match_the_loop_definition(monkeypatch, queries):
     from viz_app.analysis import chunks
 
     attn, norms = random_case(6, P=2, N=12, lead=(5,))

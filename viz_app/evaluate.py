@@ -788,6 +788,9 @@ class LocalEngine:
         """What summary.json's "model" says beside the command's own model (here: nothing)."""
         return {}
 
+    def start(self, args: argparse.Namespace) -> None:
+        """Before the first batch (here: nothing to start)."""
+
     def parts(self, lm, args, inputs: list | None, rollout_kw: dict, progress) -> Iterator[Part]:
         c = lm.config
         pool = (lambda: ThreadPoolExecutor(1)) if cli.overlap_stages(lm.device) else cli.InlineExecutor
@@ -835,6 +838,7 @@ def _run(args, argv, settings, files: list | None, unreadable, folder: cli.Outpu
     gradients = c.num_classes > 0 and lm.model.head is not None  # as evaluate_batch runs it
     if engine.name == "local":  # the Ray engine's actors load their own model, maybe on other machines
         cli.check_memory(lm, min(args.batch_size, total), gradients=gradients)
+    engine.start(args)  # where the batches will run, checked before any file is written
     out = folder.path
     start = time.monotonic()
     csvs: dict[str, AtomicCsv] = {}

@@ -657,6 +657,7 @@ def _analyze(ray, args, settings, remote, files, unreadable, filesystems, folder
         lm = load_checkpoint(args.model, device="cpu", dtype=driver_precision(args.dtype), image_size=args.image_size)
     except (ViTLensError, ValueError) as e:
         raise UsageError(f"cannot load model {args.model!r}: {e}") from None
+    round_weights(lm.model, PRECISIONS[args.dtype])  # model.npz from the weights the actors hold
     settings = cli.settings_for_model(settings, lm.config)
 
     ray_start = time.monotonic()
@@ -674,14 +675,35 @@ def _analyze(ray, args, settings, remote, files, unreadable, filesystems, folder
 
 def driver_precision(precision: str) -> str:
     """The precision the driver's own model loads in, on its CPU, to check the arguments and write
-    model.npz: the run's where a CPU has it, else fp32 (the same weights and configuration; tf32
-    and fp16 are GPU formats, which the actors load on their devices)."""
+    model.npz: the run's where a CPU has it, else fp32 (tf32 and fp16 are GPU formats, which the
+    actors load on their devices; round_weights then gives the driver the actors' fp16 values)."""
     return precision if precision in precisions_for("cpu") else "fp32"
+
+
+@torch.no_grad()
+def round_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The driver's float32 model (driver_precision) with every floating parameter and buffer
+    rounded to `dtype` in place, as the actors load it (for fp16: round to nearest even, the
+    same conversion to_precision makes); nothing changes where the dtypes are the same."""
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.is_floating_point() and t.dtype != dtype:
+            t.copy_(t.to(dtype).to(t.dtype))
 
 
 def run_precision(precision: str) -> dict:
     """summary.json's dtype and precision of a run whose actors load the model in `precision`."""
     return {"dtype": str(PRECISIONS[precision]).removeprefix("torch."), "precision": precision}
+
+
+def check_precision(plan: dict, precision: str) -> None:
+    """Refuse at once (UsageError) a precision the actors' device type does not have (tf32 or fp16
+    on CPU actors), rather than let every actor Ray starts fail to load the model."""
+    kind = "cpu" if plan["device"] == "auto" else plan["device"]  # auto: the cluster has no GPU
+    offered = precisions_for(kind)
+    if precision not in offered:
+        raise UsageError(
+            f"--dtype {precision} is not offered on the Ray cluster's {kind} actors (offered: {', '.join(offered)})"
+        )
 
 
 def _plan_actors(ray, device: str) -> dict:
@@ -703,6 +725,7 @@ def _plan_actors(ray, device: str) -> dict:
 def _run(ray, args, settings, lm, sources, unreadable, own, filesystems, folder, run_names, started, ray_start_s):
     c = lm.config
     plan = _plan_actors(ray, args.device)
+    check_precision(plan, args.dtype)
     fp = fingerprint(lm, args, settings, plan["kind"])
     shards_dir = folder.path / PARQUET_DIR
     resumed, stale, used_shards = plan_resume(sources, read_shards(shards_dir), fp, folder)

@@ -5,9 +5,11 @@ this module is imported only for `--engine ray`. The stream is the analyze engin
 (viz_app/ray_engine.py), with the model stage of evaluate:
 
   driver   lists the inputs (local folders, or any URI pyarrow or fsspec opens: ray_engine.gather_inputs),
-           loads the model on its CPU to check the arguments, names each image (cli.free_stems);
-  read     Ray tasks: the images decoded and prepared (ray_engine._decode, no original kept), or the
-           demo scenes generated SCENE_CHUNK at a time from the same seeds as the local engine;
+           loads the model on its CPU to check the arguments, names each image (cli.free_stems), and
+           cuts the inputs (or scenes) into batches as the local engine does: one Ray Data row each;
+  read     Ray tasks, one batch at a time: its images decoded and prepared (ray_engine._decode, no
+           original kept), or its scenes cut from the SCENE_CHUNK-scene chunks the local engine
+           generates (the same seeds);
   model    an actor pool (one actor per GPU, or per ray_engine.CPUS_PER_CPU_ACTOR CPUs), the model
            loaded once per actor: evaluate.evaluate_batch per batch, the same function the local
            engine calls, returning the batch's table rows and per-image numbers (evaluate.Part). An
@@ -16,11 +18,12 @@ this module is imported only for `--engine ray`. The stream is the analyze engin
            tables and adds the numbers to the run's tally; the intervals, plots and summary.json are
            then made exactly as the local engine makes them.
 
-Every image's random orders and baselines are seeded by its position among the inputs, so the
-numbers do not depend on how Ray batches the stream: they equal the local engine's (up to the
-float rounding of a forward pass over a differently composed batch). The outputs are whole-run
-statistics written at the end under temporary names: a run that stops leaves no table, and a rerun
-starts over (unlike analyze, whose per-image files let a rerun resume).
+A row is a whole batch and every stage takes one row at a time, so Ray Data's bundling of blocks
+never regroups images: each forward pass runs over the local engine's batch, and with the same
+--batch-size the tables are byte for byte the local engine's. Every image's random orders and
+baselines are seeded by its position among the inputs in both engines. The outputs are whole-run
+statistics written at the end under temporary names: a run that stops leaves no table, and a
+rerun starts over (unlike analyze, whose per-image files let a rerun resume).
 """
 
 from __future__ import annotations
@@ -62,23 +65,35 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             engine.close()
 
 
-def _scenes(batch: dict, *, n: int, seed: int, size: int) -> dict:
-    """Ray task: the scenes of the chunks starting at batch["start"] -> one row per scene (the
-    local engine's scene_batches makes the same ones: SeedSequence([seed, start]))."""
-    ids, images, labels, masks = [], [], [], []
-    for start in batch["start"]:
-        start = int(start)
+def _scene_batch(row: dict, *, n: int, seed: int, size: int) -> dict:
+    """Ray task: the scenes first .. first + count - 1 (one batch) -> one row holding them, pickled.
+    They are cut from the SCENE_CHUNK-scene chunks the local engine's scene_batches makes
+    (SeedSequence([seed, chunk start])), so they are the same scenes."""
+    first, count = int(row["first"][0]), int(row["count"][0])
+    images, labels, masks = [], [], []
+    for start in range(first - first % evaluate.SCENE_CHUNK, first + count, evaluate.SCENE_CHUNK):
         im, lab, mk = make_batch(np.random.SeedSequence([seed, start]), min(evaluate.SCENE_CHUNK, n - start), size=size)
-        ids += range(start, start + len(im))
-        images.append(im)
-        labels.append(lab)
-        masks.append(mk)
-    return {
-        "i": np.array(ids, dtype=np.int64),
+        lo, hi = max(first, start) - start, min(first + count, start + len(im)) - start
+        images.append(im[lo:hi])
+        labels.append(lab[lo:hi])
+        masks.append(mk[lo:hi])
+    payload = {
+        "ids": list(range(first, first + count)),
         "image": np.concatenate(images),
         "label": np.concatenate(labels),
         "mask": np.concatenate(masks),
     }
+    return {"payload": np.array([pickle.dumps(payload, protocol=5)], dtype=object)}
+
+
+def _image_batch(row: dict, *, filesystems: list, preprocessing) -> dict:
+    """Ray task: the images of one batch (a pickled list of their rows) read and prepared by the
+    analyze engine's reader (no original kept) -> one row holding them, pickled."""
+    rows = pickle.loads(row["spec"][0])
+    columns = {k: [r[k] for r in rows] for k in ("i", "fs", "fs_path", "size", "stem")}
+    out = ray_engine._decode(columns, filesystems=filesystems, preprocessing=preprocessing, keep_original=False)
+    payload = {"ids": [int(i) for i in out["i"]], "error": list(out["error"]), "item": list(out["item"])}
+    return {"payload": np.array([pickle.dumps(payload, protocol=5)], dtype=object)}
 
 
 class _Evaluator:
@@ -95,17 +110,18 @@ class _Evaluator:
         self.hooks = hooks or {}
         self.calls = 0
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, row: dict) -> dict:
         self.calls += 1
         ray_engine.run_test_hooks(self.hooks, self.calls)
-        ids = [int(i) for i in batch["i"]]
+        batch = pickle.loads(row["payload"][0])
+        ids = batch["ids"]
         bad: list[tuple[int, str]] = []
         if "image" in batch:  # scenes
             one = evaluate.Batch(
                 names=[f"scene_{i:05d}" for i in ids],
-                pixels=evaluate.scene_pixels(np.asarray(batch["image"]), self.lm.preprocessing),
-                labels=np.asarray(batch["label"]),
-                masks=np.asarray(batch["mask"]),
+                pixels=evaluate.scene_pixels(batch["image"], self.lm.preprocessing),
+                labels=batch["label"],
+                masks=batch["mask"],
                 ids=ids,
             )
         else:
@@ -159,16 +175,22 @@ class RayEngine:
         devices = ",".join(sorted(self.devices)) or (self.plan or {}).get("device", "cpu")
         return {"device": devices, **ray_engine.run_precision(self.precision)}
 
-    def parts(self, lm, args, sources: list | None, rollout_kw: dict, progress) -> Iterator[evaluate.Part]:
+    def start(self, args: argparse.Namespace) -> None:
+        """A local Ray started (or the cluster joined), the actors planned and the run's precision
+        checked against their device, before any file is written."""
         ray = self.ray
         t0 = time.monotonic()
         self.ours = ray_engine.start_ray(ray, self.address)
         self.timing["ray_start_s"] = round(time.monotonic() - t0, 3)
         ray_engine._quiet_data(ray)
+        self.plan = ray_engine._plan_actors(ray, args.device)
+        ray_engine.check_precision(self.plan, args.dtype)
+
+    def parts(self, lm, args, sources: list | None, rollout_kw: dict, progress) -> Iterator[evaluate.Part]:
+        ray = self.ray
         options = ray.data.DataContext.get_current().execution_options
         self.preserve_order = options.preserve_order  # put back by close(): the context is the process's
         options.preserve_order = True  # the parts in input order, so the tables are
-        self.plan = ray_engine._plan_actors(ray, args.device)
         stream = self._pipeline(lm, args, sources, rollout_kw)
         t0 = time.monotonic()
         try:
@@ -192,44 +214,38 @@ class RayEngine:
 
         ray, plan, bs = self.ray, self.plan, args.batch_size
         warnings.filterwarnings("ignore", message=ray_engine._REMOTE_ARGS_FN_WARNING)
+        # One row per batch, cut as the local engine cuts them (bs consecutive inputs or scenes), and
+        # every stage takes one row at a time: Ray Data's block bundling cannot regroup the images,
+        # so each forward pass sees the local engine's batch and the numbers are its own.
         if sources is None:
-            starts = [{"start": s} for s in range(0, args.scenes, evaluate.SCENE_CHUNK)]
-            ds = ray.data.from_items(starts, override_num_blocks=len(starts))
-            ds = ds.map_batches(
-                _scenes,
-                batch_size=1,
-                batch_format="numpy",
-                fn_kwargs={"n": args.scenes, "seed": args.seed, "size": lm.config.image_size[0]},
-                num_cpus=plan["tasks"],
-                ray_remote_args_fn=ray_engine._task_retries,
-            )
+            rows = [{"first": f, "count": min(bs, args.scenes - f)} for f in range(0, args.scenes, bs)]
+            stage, kwargs = _scene_batch, {"n": args.scenes, "seed": args.seed, "size": lm.config.image_size[0]}
         else:
             stems = cli.free_stems([s.stem for s in sources], ("",), set())
-            rows = [
+            specs = [
                 {"i": i, "fs": s.fs, "fs_path": s.fs_path, "size": s.size, "stem": stem}
                 for i, (s, stem) in enumerate(zip(sources, stems))
             ]
-            blocks = min(-(-len(rows) // bs), max(4 * plan["cpus"], -(-len(rows) // (16 * bs))))
-            ds = ray.data.from_items(rows, override_num_blocks=max(1, blocks))
-            ds = ds.map_batches(
-                ray_engine._decode,
-                batch_size=bs,
-                batch_format="numpy",
-                fn_kwargs={
-                    "filesystems": self.filesystems,
-                    "preprocessing": lm.preprocessing,
-                    "keep_original": False,
-                },
-                num_cpus=plan["tasks"],
-                ray_remote_args_fn=ray_engine._task_retries,
-            )
+            rows = [{"spec": pickle.dumps(specs[f : f + bs], protocol=5)} for f in range(0, len(specs), bs)]
+            stage, kwargs = _image_batch, {"filesystems": self.filesystems, "preprocessing": lm.preprocessing}
+        # a block per batch while that still gives every CPU a few; else up to 16 batches a block
+        blocks = min(len(rows), max(4 * plan["cpus"], -(-len(rows) // 16)))
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, blocks))
+        ds = ds.map_batches(
+            stage,
+            batch_size=1,
+            batch_format="numpy",
+            fn_kwargs=kwargs,
+            num_cpus=plan["tasks"],
+            ray_remote_args_fn=ray_engine._task_retries,  # also keeps this stage out of the model actors
+        )
         options = {
             k: getattr(args, k) for k in ("modes", "steps", "randomization", "target_class", "seed", "head", "scenes")
         }
         hooks = json.loads(os.environ.get(ray_engine.TEST_HOOKS, "{}") or "{}")
         return ds.map_batches(
             _Evaluator,
-            batch_size=bs,
+            batch_size=1,
             batch_format="numpy",
             fn_constructor_kwargs={
                 "source": str(args.model),
@@ -259,7 +275,7 @@ class RayEngine:
         }
 
     def close(self) -> None:
-        if self.preserve_order is not None and self.ray.is_initialized():
+        if self.preserve_order is not None:  # the process's context, with or without a running Ray
             self.ray.data.DataContext.get_current().execution_options.preserve_order = self.preserve_order
             self.preserve_order = None
         if self.ours:
