@@ -128,6 +128,25 @@ def test_ray_engine_gives_the_in_process_results(local_ref, ray_out):
     assert sum(c["images"] for c in agg["top5_counts"]) == 5 * 5 and agg["images"] == 5
 
 
+@pytest.mark.slow
+def test_batches_that_do_not_fill_the_blocks_are_still_the_local_batches(tmp_path, images, ray_session):
+    """9 inputs in batches of 4: Ray Data's blocks would regroup single images into [0-3], [4-5],
+    [6-8]; with one row per batch every forward pass sees the local batch: the same bytes."""
+    folder = tmp_path / "nine"
+    folder.mkdir()
+    for p in sorted(images.rglob("*.png")):  # 6 files (one no image), then 3 more images
+        shutil.copy(p, folder / f"{p.parent.name}_{p.name}")
+    for k, p in enumerate(sorted(images.glob("img*.png"))[:3]):
+        shutil.copy(p, folder / f"z{k}.png")
+    assert len(list(folder.iterdir())) == 9
+    local, ray_run = tmp_path / "local", tmp_path / "ray"
+    assert analyze(local, [folder], "--batch-size", "4") == 1
+    assert analyze(ray_run, [folder], "--batch-size", "4", "--engine", "ray") == 1
+    s = summary(ray_run)
+    assert s["images"] == summary(local)["images"] and len(s["images"]) == 8
+    assert_same_outputs(local, ray_run, s["images"])
+
+
 def hooks(monkeypatch, **kw) -> None:
     monkeypatch.setenv(
         ray_engine.TEST_HOOKS, json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in kw.items()})

@@ -93,7 +93,7 @@ def test_a_batch_of_scenes_across_two_chunks_is_the_local_batch():
     local = list(ev.scene_batches(130, 9, 32, 16, pre))[6]  # scenes 96 .. 111
     row = ray_evaluate._scene_batch({"first": np.array([96]), "count": np.array([16])}, n=130, seed=9, size=32)
     got = pickle.loads(row["payload"][0])
-    assert got["ids"] == local.ids == list(range(96, 112))
+    assert got["i"] == local.ids == list(range(96, 112))
     assert np.array_equal(got["label"], local.labels) and np.array_equal(got["mask"], local.masks)
     assert np.array_equal(ev.scene_pixels(got["image"], pre).numpy(), local.pixels.numpy())
 

@@ -8,13 +8,15 @@ The pipeline is one Ray Data stream, never the whole input in memory:
   driver   lists the inputs (local folders through cli.collect_inputs; s3://, gs://, hdfs://, file://
            and whatever else pyarrow or fsspec opens through pyarrow.fs), loads the model once to
            check the arguments and write model.npz, plans output names (cli.free_stems);
-  decode   Ray tasks (1 CPU each): read, decode and prepare each image with the local engine's
-           cli.read_one (remote files' bytes read first through their filesystem); an
+  decode   Ray tasks (1 CPU each), one batch at a time (batch_rows: --batch-size consecutive inputs,
+           as the local engine cuts them): read, decode and prepare each image with the local
+           engine's cli.read_one (remote files' bytes read first through their filesystem); an
            unreadable image becomes a `skipped` line, as in the local engine;
   model    an actor pool, the model loaded once per actor (load_checkpoint): one actor per GPU
            with --device cuda (or auto where the cluster has GPUs), else CPU actors; a forward pass
-           and report.analyze_batch per batch. An actor that dies is restarted and its batch
-           retried (ACTOR_RESTARTS times);
+           and report.analyze_batch per batch row, so each forward pass runs over the local engine's
+           batch (Ray Data's bundling never regroups a row). An actor that dies is restarted and its
+           batch retried (ACTOR_RESTARTS times);
   encode   Ray tasks: each image's report (.npz) and rollout overlay (.png), through
            cli.write_outputs, so the bytes are those of the local engine;
   driver   writes every file through cli.OutputFolder (a temporary name, renamed when complete:
@@ -276,6 +278,24 @@ def _decode(batch: dict, *, filesystems: list, preprocessing, keep_original: boo
     return {"i": batch["i"], "error": errors, "item": items}
 
 
+def batch_rows(specs: list[dict], batch_size: int) -> list[dict]:
+    """Ray Data rows, one per batch: batch_size consecutive inputs (each a dict of _decode's
+    columns), pickled. Every stage up to the model takes one such row at a time, so Ray Data's
+    bundling of blocks never regroups images: each forward pass sees the batch the local engine
+    forms from the same inputs."""
+    return [{"spec": pickle.dumps(specs[f : f + batch_size], protocol=5)} for f in range(0, len(specs), batch_size)]
+
+
+def _decode_batch(row: dict, *, filesystems: list, preprocessing, keep_original: bool = True) -> dict:
+    """Ray task: one batch row (batch_rows) read and prepared by _decode -> one row holding its
+    columns (i, error, item), pickled."""
+    specs = pickle.loads(row["spec"][0])
+    columns = {k: [r[k] for r in specs] for k in ("i", "fs", "fs_path", "size", "stem")}
+    out = _decode(columns, filesystems=filesystems, preprocessing=preprocessing, keep_original=keep_original)
+    payload = {"i": [int(i) for i in out["i"]], "error": list(out["error"]), "item": list(out["item"])}
+    return {"payload": np.array([pickle.dumps(payload, protocol=5)], dtype=object)}
+
+
 def _read_remote(fs, path: str, size: int, name: str) -> bytes:
     if size > MAX_BYTES:
         raise ImageError(f"{name} is larger than {MAX_BYTES // 2**20} MB")
@@ -319,9 +339,11 @@ class _Model:
         self.hooks = hooks or {}
         self.calls = 0
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, row: dict) -> dict:
+        """One batch row (_decode_batch's) -> one row per image: its arrays, pickled."""
         self.calls += 1
         self._hook()
+        batch = pickle.loads(row["payload"][0])
         errors, blobs = list(batch["error"]), list(batch["item"])
         arrays_out = [b""] * len(errors)
         ok = [k for k, e in enumerate(errors) if not e]
@@ -335,11 +357,11 @@ class _Model:
                 for it in items:
                     Path(self.hooks["count_dir"], f"{it.stem}-{secrets.token_hex(4)}").touch()
         return {
-            "i": batch["i"],
-            "error": errors,
-            "item": blobs,
-            "arrays": arrays_out,
-            "meta": [self.meta] * len(errors),
+            "i": np.array(batch["i"], dtype=np.int64),
+            "error": np.array(errors, dtype=object),
+            "item": np.array(blobs, dtype=object),
+            "arrays": np.array(arrays_out, dtype=object),
+            "meta": np.array([self.meta] * len(errors), dtype=object),
         }
 
     def _hook(self) -> None:
@@ -1043,25 +1065,20 @@ def _pipeline(ray, args, settings, lm, sources, pending, stems, filesystems, pla
     from ray.data import ActorPoolStrategy
 
     bs = args.batch_size
-    rows = [
-        {
-            "i": i,
-            "fs": sources[i].fs,
-            "fs_path": sources[i].fs_path,
-            "size": sources[i].size,
-            "stem": stems[i],
-        }
+    specs = [
+        {"i": i, "fs": sources[i].fs, "fs_path": sources[i].fs_path, "size": sources[i].size, "stem": stems[i]}
         for i in pending
     ]
+    rows = batch_rows(specs, bs)
     warnings.filterwarnings("ignore", message=_REMOTE_ARGS_FN_WARNING)
-    # blocks of one batch where that still gives every CPU a few; else up to 16 batches a block (a
+    # a block per batch where that still gives every CPU a few; else up to 16 batches a block (a
     # million tiny blocks would cost more in scheduling than in work)
-    blocks = min(math.ceil(len(rows) / bs), max(4 * plan["cpus"], math.ceil(len(rows) / (16 * bs))))
+    blocks = min(len(rows), max(4 * plan["cpus"], math.ceil(len(rows) / 16)))
     ds = ray.data.from_items(rows, override_num_blocks=max(1, blocks))
     hooks = json.loads(os.environ.get(TEST_HOOKS, "{}") or "{}")
     ds = ds.map_batches(
-        _decode,
-        batch_size=bs,
+        _decode_batch,
+        batch_size=1,
         batch_format="numpy",
         fn_kwargs={"filesystems": filesystems, "preprocessing": lm.preprocessing},
         num_cpus=plan["tasks"],
@@ -1069,7 +1086,7 @@ def _pipeline(ray, args, settings, lm, sources, pending, stems, filesystems, pla
     )
     ds = ds.map_batches(
         _Model,
-        batch_size=bs,
+        batch_size=1,
         batch_format="numpy",
         fn_constructor_kwargs={
             "source": str(args.model),

@@ -7,7 +7,7 @@ this module is imported only for `--engine ray`. The stream is the analyze engin
   driver   lists the inputs (local folders, or any URI pyarrow or fsspec opens: ray_engine.gather_inputs),
            loads the model on its CPU to check the arguments, names each image (cli.free_stems), and
            cuts the inputs (or scenes) into batches as the local engine does: one Ray Data row each;
-  read     Ray tasks, one batch at a time: its images decoded and prepared (ray_engine._decode, no
+  read     Ray tasks, one batch at a time: its images decoded and prepared (ray_engine._decode_batch, no
            original kept), or its scenes cut from the SCENE_CHUNK-scene chunks the local engine
            generates (the same seeds);
   model    an actor pool (one actor per GPU, or per ray_engine.CPUS_PER_CPU_ACTOR CPUs), the model
@@ -78,21 +78,11 @@ def _scene_batch(row: dict, *, n: int, seed: int, size: int) -> dict:
         labels.append(lab[lo:hi])
         masks.append(mk[lo:hi])
     payload = {
-        "ids": list(range(first, first + count)),
+        "i": list(range(first, first + count)),
         "image": np.concatenate(images),
         "label": np.concatenate(labels),
         "mask": np.concatenate(masks),
     }
-    return {"payload": np.array([pickle.dumps(payload, protocol=5)], dtype=object)}
-
-
-def _image_batch(row: dict, *, filesystems: list, preprocessing) -> dict:
-    """Ray task: the images of one batch (a pickled list of their rows) read and prepared by the
-    analyze engine's reader (no original kept) -> one row holding them, pickled."""
-    rows = pickle.loads(row["spec"][0])
-    columns = {k: [r[k] for r in rows] for k in ("i", "fs", "fs_path", "size", "stem")}
-    out = ray_engine._decode(columns, filesystems=filesystems, preprocessing=preprocessing, keep_original=False)
-    payload = {"ids": [int(i) for i in out["i"]], "error": list(out["error"]), "item": list(out["item"])}
     return {"payload": np.array([pickle.dumps(payload, protocol=5)], dtype=object)}
 
 
@@ -114,7 +104,7 @@ class _Evaluator:
         self.calls += 1
         ray_engine.run_test_hooks(self.hooks, self.calls)
         batch = pickle.loads(row["payload"][0])
-        ids = batch["ids"]
+        ids = batch["i"]
         bad: list[tuple[int, str]] = []
         if "image" in batch:  # scenes
             one = evaluate.Batch(
@@ -226,8 +216,9 @@ class RayEngine:
                 {"i": i, "fs": s.fs, "fs_path": s.fs_path, "size": s.size, "stem": stem}
                 for i, (s, stem) in enumerate(zip(sources, stems))
             ]
-            rows = [{"spec": pickle.dumps(specs[f : f + bs], protocol=5)} for f in range(0, len(specs), bs)]
-            stage, kwargs = _image_batch, {"filesystems": self.filesystems, "preprocessing": lm.preprocessing}
+            rows = ray_engine.batch_rows(specs, bs)
+            stage = ray_engine._decode_batch
+            kwargs = {"filesystems": self.filesystems, "preprocessing": lm.preprocessing, "keep_original": False}
         # a block per batch while that still gives every CPU a few; else up to 16 batches a block
         blocks = min(len(rows), max(4 * plan["cpus"], -(-len(rows) // 16)))
         ds = ray.data.from_items(rows, override_num_blocks=max(1, blocks))
