@@ -126,6 +126,20 @@ DELEGATED = {
 }
 
 
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """--engine and --address, for analyze and evaluate."""
+    p.add_argument(
+        "--engine",
+        default="local",
+        choices=["local", "ray"],
+        help="local: this process (the default); ray: a Ray Data pipeline, on a local Ray started here or on "
+        "--address (needs requirements-ray.txt; inputs may be s3://, gs://, hdfs:// URIs)",
+    )
+    p.add_argument(
+        "--address", default=None, help="with --engine ray: an existing Ray cluster (e.g. HOST:6379 or auto)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="ViT Lens: look inside Vision Transformers")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
@@ -176,16 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--image-size", type=int, default=None, help="run at another resolution (resamples positions)")
     a.add_argument("--out", required=True, type=Path, help="output folder")
-    a.add_argument(
-        "--engine",
-        default="local",
-        choices=["local", "ray"],
-        help="local: this process (the default); ray: a Ray Data pipeline, on a local Ray started here or on "
-        "--address (needs requirements-ray.txt; inputs may be s3://, gs://, hdfs:// URIs)",
-    )
-    a.add_argument(
-        "--address", default=None, help="with --engine ray: an existing Ray cluster (e.g. HOST:6379 or auto)"
-    )
+    add_engine_arguments(a)
     a.add_argument("inputs", nargs="+", type=Path, help="images or folders of images")
     for name, (_, text) in DELEGATED.items():  # parsed by their own modules (see main)
         sub.add_parser(name, help=text, add_help=False)

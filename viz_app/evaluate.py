@@ -121,16 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollout-discard", type=float, default=None, help="share in [0, 1) zeroed per layer")
     p.add_argument("--rollout-readout", choices=report.READOUTS, default=None)
     p.add_argument("--rollout-layers", default=None, metavar="FIRST-LAST", help="1-based, inclusive (e.g. 4-12)")
-    p.add_argument(
-        "--engine",
-        default="local",
-        choices=["local", "ray"],
-        help="local: this process (the default); ray: a Ray Data pipeline, on a local Ray started here or on "
-        "--address (needs requirements-ray.txt; inputs may be s3://, gs://, hdfs:// URIs)",
-    )
-    p.add_argument(
-        "--address", default=None, help="with --engine ray: an existing Ray cluster (e.g. HOST:6379 or auto)"
-    )
+    cli.add_engine_arguments(p)
     # what cli.settings_from_args reads and evaluate has no flag for
     p.set_defaults(grad_rollout=False, grad_class=None, save_attentions=False, query_patch=None, drop_prefix=None)
     p.set_defaults(**dict.fromkeys(("class_method", "class_maps", "contrast", "mask_tau", "high_norm_factor"), None))

@@ -1060,32 +1060,35 @@ def _actor_restarts() -> dict:
     return {"max_restarts": ACTOR_RESTARTS, "max_task_retries": ACTOR_RESTARTS}
 
 
-def _pipeline(ray, args, settings, lm, sources, pending, stems, filesystems, plan, labels):
-    """The Ray Data stream: decode (tasks) -> model (actor pool) -> encode (tasks)."""
-    from ray.data import ActorPoolStrategy
-
-    bs = args.batch_size
-    specs = [
-        {"i": i, "fs": sources[i].fs, "fs_path": sources[i].fs_path, "size": sources[i].size, "stem": stems[i]}
-        for i in pending
-    ]
-    rows = batch_rows(specs, bs)
+def batch_dataset(ray, rows: list[dict], plan: dict):
+    """A Ray Dataset of batch rows: a block per batch where that still gives every CPU a few, else
+    up to 16 batches a block (a million tiny blocks would cost more in scheduling than in work)."""
     warnings.filterwarnings("ignore", message=_REMOTE_ARGS_FN_WARNING)
-    # a block per batch where that still gives every CPU a few; else up to 16 batches a block (a
-    # million tiny blocks would cost more in scheduling than in work)
     blocks = min(len(rows), max(4 * plan["cpus"], math.ceil(len(rows) / 16)))
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, blocks))
-    hooks = json.loads(os.environ.get(TEST_HOOKS, "{}") or "{}")
-    ds = ds.map_batches(
-        _decode_batch,
+    return ray.data.from_items(rows, override_num_blocks=max(1, blocks))
+
+
+def read_stage(ds, fn, plan: dict, kwargs: dict):
+    """ds mapped by a reading task fn, one batch row at a time (batch_rows)."""
+    return ds.map_batches(
+        fn,
         batch_size=1,
         batch_format="numpy",
-        fn_kwargs={"filesystems": filesystems, "preprocessing": lm.preprocessing},
+        fn_kwargs=kwargs,
         num_cpus=plan["tasks"],
         ray_remote_args_fn=_task_retries,  # also keeps this stage out of the model actors (no fusion)
     )
-    ds = ds.map_batches(
-        _Model,
+
+
+def model_stage(ds, actor, args: argparse.Namespace, plan: dict, extra: dict):
+    """ds mapped by a pool of model actors (plan: _plan_actors), one batch row at a time; each
+    actor is built with the model's source, device, precision, image size, its torch threads, the
+    tests' hooks (TEST_HOOKS) and `extra`."""
+    from ray.data import ActorPoolStrategy
+
+    hooks = json.loads(os.environ.get(TEST_HOOKS, "{}") or "{}")
+    return ds.map_batches(
+        actor,
         batch_size=1,
         batch_format="numpy",
         fn_constructor_kwargs={
@@ -1093,16 +1096,28 @@ def _pipeline(ray, args, settings, lm, sources, pending, stems, filesystems, pla
             "device": plan["device"],
             "dtype": args.dtype,
             "image_size": args.image_size,
-            "settings": settings.to_dict(),
-            "batch_size": bs,
             "threads": plan["threads"],
             "hooks": hooks,
+            **extra,
         },
         compute=ActorPoolStrategy(size=plan["actors"]),
         num_cpus=plan["num_cpus"],
         num_gpus=plan["num_gpus"] or None,
         ray_remote_args_fn=_actor_restarts,
     )
+
+
+def _pipeline(ray, args, settings, lm, sources, pending, stems, filesystems, plan, labels):
+    """The Ray Data stream: decode (tasks) -> model (actor pool) -> encode (tasks)."""
+    bs = args.batch_size
+    specs = [
+        {"i": i, "fs": sources[i].fs, "fs_path": sources[i].fs_path, "size": sources[i].size, "stem": stems[i]}
+        for i in pending
+    ]
+    ds = batch_dataset(ray, batch_rows(specs, bs), plan)
+    ds = read_stage(ds, _decode_batch, plan, {"filesystems": filesystems, "preprocessing": lm.preprocessing})
+    extra = {"settings": settings.to_dict(), "batch_size": bs}
+    ds = model_stage(ds, _Model, args, plan, extra)
     return ds.map_batches(
         _encode,
         batch_size=bs,

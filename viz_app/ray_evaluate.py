@@ -29,11 +29,8 @@ rerun starts over (unlike analyze, whose per-image files let a rerun resume).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import pickle
 import time
-import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -200,13 +197,7 @@ class RayEngine:
         self.timing["pipeline_s"] = round(time.monotonic() - t0, 3)
 
     def _pipeline(self, lm, args, sources: list | None, rollout_kw: dict):
-        from ray.data import ActorPoolStrategy
-
-        ray, plan, bs = self.ray, self.plan, args.batch_size
-        warnings.filterwarnings("ignore", message=ray_engine._REMOTE_ARGS_FN_WARNING)
-        # One row per batch, cut as the local engine cuts them (bs consecutive inputs or scenes), and
-        # every stage takes one row at a time: Ray Data's block bundling cannot regroup the images,
-        # so each forward pass sees the local engine's batch and the numbers are its own.
+        bs = args.batch_size
         if sources is None:
             rows = [{"first": f, "count": min(bs, args.scenes - f)} for f in range(0, args.scenes, bs)]
             stage, kwargs = _scene_batch, {"n": args.scenes, "seed": args.seed, "size": lm.config.image_size[0]}
@@ -219,40 +210,14 @@ class RayEngine:
             rows = ray_engine.batch_rows(specs, bs)
             stage = ray_engine._decode_batch
             kwargs = {"filesystems": self.filesystems, "preprocessing": lm.preprocessing, "keep_original": False}
-        # a block per batch while that still gives every CPU a few; else up to 16 batches a block
-        blocks = min(len(rows), max(4 * plan["cpus"], -(-len(rows) // 16)))
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, blocks))
-        ds = ds.map_batches(
-            stage,
-            batch_size=1,
-            batch_format="numpy",
-            fn_kwargs=kwargs,
-            num_cpus=plan["tasks"],
-            ray_remote_args_fn=ray_engine._task_retries,  # also keeps this stage out of the model actors
-        )
+        # one row per batch, cut as the local engine cuts them (ray_engine.batch_rows)
+        ds = ray_engine.batch_dataset(self.ray, rows, self.plan)
+        ds = ray_engine.read_stage(ds, stage, self.plan, kwargs)
         options = {
             k: getattr(args, k) for k in ("modes", "steps", "randomization", "target_class", "seed", "head", "scenes")
         }
-        hooks = json.loads(os.environ.get(ray_engine.TEST_HOOKS, "{}") or "{}")
-        return ds.map_batches(
-            _Evaluator,
-            batch_size=1,
-            batch_format="numpy",
-            fn_constructor_kwargs={
-                "source": str(args.model),
-                "device": plan["device"],
-                "dtype": args.dtype,
-                "image_size": args.image_size,
-                "options": options,
-                "rollout_kw": rollout_kw,
-                "threads": plan["threads"],
-                "hooks": hooks,
-            },
-            compute=ActorPoolStrategy(size=plan["actors"]),
-            num_cpus=plan["num_cpus"],
-            num_gpus=plan["num_gpus"] or None,
-            ray_remote_args_fn=ray_engine._actor_restarts,
-        )
+        extra = {"options": options, "rollout_kw": rollout_kw}
+        return ray_engine.model_stage(ds, _Evaluator, args, self.plan, extra)
 
     def summary(self) -> dict:
         plan = self.plan or {}
