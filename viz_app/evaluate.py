@@ -381,14 +381,23 @@ class _Progress(cli.Progress):
             self.end_line()
 
 
+def with_gradients(lm) -> bool:
+    """Whether evaluate's forward passes keep gradients (the gradient rollout): a model with a classifier."""
+    return lm.config.num_classes > 0 and lm.model.head is not None
+
+
 def evaluate_batch(lm, batch: Batch, args: argparse.Namespace, rollout_kw: dict, progress) -> Part:
     """Every number of one batch: its table rows and per-image values (Part). Each image's random
-    orders and baselines are seeded by its id (Batch.ids), so they do not depend on the batching."""
+    orders and baselines are seeded by its id (Batch.ids), so they do not depend on the batching.
+    A batch of unreadable images only (no names) gives no rows, only its skipped inputs."""
+    skipped = [(str(p), why) for p, why in batch.skipped]
+    if not batch.names:
+        return Part({}, Tally(), size=batch.size, skipped=skipped)
     c = lm.config
     tally, out = Tally(), {}
     B = len(batch.names)
     pixels = batch.pixels.to(lm.device, lm.dtype)
-    gradients = c.num_classes > 0 and lm.model.head is not None
+    gradients = with_gradients(lm)
     target = None
     if gradients and args.target_class is not None:
         target = torch.full((B,), args.target_class, dtype=torch.long)
@@ -490,7 +499,7 @@ def evaluate_batch(lm, batch: Batch, args: argparse.Namespace, rollout_kw: dict,
         if fwd.logits is not None and tuple(lm.labels or ()) == CLASSES:  # the scenes' labels are the demo's
             tally.correct += (fwd.logits.argmax(-1).cpu().numpy() == batch.labels).tolist()
     tally.images += B
-    return Part(out, tally, size=batch.size, skipped=[(str(p), why) for p, why in batch.skipped])
+    return Part(out, tally, size=batch.size, skipped=skipped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -779,8 +788,9 @@ class LocalEngine:
         """What summary.json's "model" says beside the command's own model (here: nothing)."""
         return {}
 
-    def start(self, args: argparse.Namespace) -> None:
-        """Before the first batch (here: nothing to start)."""
+    def start(self, args: argparse.Namespace, lm, batch: int) -> None:
+        """Before any file is written: refuse a batch that would not fit in memory here."""
+        cli.check_memory(lm, batch, gradients=with_gradients(lm))
 
     def parts(self, lm, args, inputs: list | None, rollout_kw: dict, progress) -> Iterator[Part]:
         c = lm.config
@@ -791,10 +801,7 @@ class LocalEngine:
             else:
                 batches = image_batches(inputs, args.batch_size, lm.preprocessing, reader)
             for batch in batches:
-                if batch.names:
-                    yield evaluate_batch(lm, batch, args, rollout_kw, progress)
-                else:
-                    yield Part({}, Tally(), size=batch.size, skipped=[(str(p), w) for p, w in batch.skipped])
+                yield evaluate_batch(lm, batch, args, rollout_kw, progress)
 
     def summary(self) -> dict:
         return {"name": self.name}
@@ -826,10 +833,9 @@ def _run(args, argv, settings, files: list | None, unreadable, folder: cli.Outpu
     if args.scenes is not None and c.image_size[0] != c.image_size[1]:
         raise cli.UsageError(f"--scenes needs a square input; the model takes {c.image_size[0]}x{c.image_size[1]}")
     total = args.scenes if files is None else len(files)
-    gradients = c.num_classes > 0 and lm.model.head is not None  # as evaluate_batch runs it
-    if engine.name == "local":  # the Ray engine's actors load their own model, maybe on other machines
-        cli.check_memory(lm, min(args.batch_size, total), gradients=gradients)
-    engine.start(args)  # where the batches will run, checked before any file is written
+    engine.start(
+        args, lm, min(args.batch_size, total)
+    )  # where the batches will run, checked before any file is written
     out = folder.path
     start = time.monotonic()
     csvs: dict[str, AtomicCsv] = {}

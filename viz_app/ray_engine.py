@@ -254,45 +254,34 @@ def local_sources(files: list[Path]) -> tuple[list[Source], list[tuple[Path, str
 # ------------------------------------------------------------------------ Ray stages
 
 
-def _decode(batch: dict, *, filesystems: list, preprocessing, keep_original: bool = True) -> dict:
-    """Ray task: read and prepare a batch of images -> rows of (i, error, pickled cli.Item).
-    keep_original=False (evaluate) keeps no original for an overlay."""
-    errors, items = [], []
-    for fs_index, fs_path, size, stem in zip(batch["fs"], batch["fs_path"], batch["size"], batch["stem"]):
-        error, blob = "", b""
+def batch_rows(specs: list[dict], batch_size: int) -> list[dict]:
+    """Ray Data rows, one per batch: batch_size consecutive inputs (each a dict of i, fs, fs_path,
+    size and stem), pickled. Every stage up to the model takes one such row at a time, so Ray
+    Data's bundling of blocks never regroups images: each forward pass sees the batch the local
+    engine forms from the same inputs."""
+    return [{"spec": pickle.dumps(specs[f : f + batch_size], protocol=5)} for f in range(0, len(specs), batch_size)]
+
+
+def _decode_batch(row: dict, *, filesystems: list, preprocessing, keep_original: bool = True) -> dict:
+    """Ray task: read and prepare the images of one batch row (batch_rows) -> one row holding, pickled,
+    their input indices `i`, `error` (why an image was skipped, "" if read) and `item` (the pickled
+    cli.Item, b"" if skipped). keep_original=False (evaluate) keeps no original for an overlay."""
+    payload: dict[str, list] = {"i": [], "error": [], "item": []}
+    for spec in pickle.loads(row["spec"][0]):
+        fs_index, fs_path, stem = spec["fs"], spec["fs_path"], spec["stem"]
         if fs_index < 0:  # a local file: the local engine's own reader
             one = cli.read_one(Path(fs_path), stem, preprocessing, keep_original)
         else:
             name = PurePosixPath(fs_path).name
             try:
-                data = _read_remote(filesystems[fs_index], fs_path, int(size), name)
+                data = _read_remote(filesystems[fs_index], fs_path, int(spec["size"]), name)
                 one = cli.read_one(Path(name), stem, preprocessing, keep_original, data=data)
             except ImageError as e:  # too large or unreadable
                 one = (Path(name), str(e))
-        if isinstance(one, cli.Item):
-            blob = _pickle_item(one)
-        else:
-            error = one[1]
-        errors.append(error)
-        items.append(blob)
-    return {"i": batch["i"], "error": errors, "item": items}
-
-
-def batch_rows(specs: list[dict], batch_size: int) -> list[dict]:
-    """Ray Data rows, one per batch: batch_size consecutive inputs (each a dict of _decode's
-    columns), pickled. Every stage up to the model takes one such row at a time, so Ray Data's
-    bundling of blocks never regroups images: each forward pass sees the batch the local engine
-    forms from the same inputs."""
-    return [{"spec": pickle.dumps(specs[f : f + batch_size], protocol=5)} for f in range(0, len(specs), batch_size)]
-
-
-def _decode_batch(row: dict, *, filesystems: list, preprocessing, keep_original: bool = True) -> dict:
-    """Ray task: one batch row (batch_rows) read and prepared by _decode -> one row holding its
-    columns (i, error, item), pickled."""
-    specs = pickle.loads(row["spec"][0])
-    columns = {k: [r[k] for r in specs] for k in ("i", "fs", "fs_path", "size", "stem")}
-    out = _decode(columns, filesystems=filesystems, preprocessing=preprocessing, keep_original=keep_original)
-    payload = {"i": [int(i) for i in out["i"]], "error": list(out["error"]), "item": list(out["item"])}
+        read = isinstance(one, cli.Item)
+        payload["i"].append(int(spec["i"]))
+        payload["error"].append("" if read else one[1])
+        payload["item"].append(_pickle_item(one) if read else b"")
     return {"payload": np.array([pickle.dumps(payload, protocol=5)], dtype=object)}
 
 
@@ -334,7 +323,6 @@ class _Model:
         self.lm = load_checkpoint(source, device=device, dtype=dtype, image_size=image_size)
         self.meta = json.dumps(report.model_meta(self.lm, source))  # what each report says produced it
         self.settings = report.Settings.from_dict(settings)
-        self.batch_size = batch_size
         self.analyze = cli.BatchAnalyzer(self.lm, self.settings, batch_size)
         self.hooks = hooks or {}
         self.calls = 0
@@ -342,16 +330,15 @@ class _Model:
     def __call__(self, row: dict) -> dict:
         """One batch row (_decode_batch's) -> one row per image: its arrays, pickled."""
         self.calls += 1
-        self._hook()
+        run_test_hooks(self.hooks, self.calls)
         batch = pickle.loads(row["payload"][0])
         errors, blobs = list(batch["error"]), list(batch["item"])
         arrays_out = [b""] * len(errors)
-        ok = [k for k, e in enumerate(errors) if not e]
-        for start in range(0, len(ok), self.batch_size):
-            part = ok[start : start + self.batch_size]
-            items = [pickle.loads(blobs[k]) for k in part]
+        ok = [k for k, e in enumerate(errors) if not e]  # at most batch_size: a row is one batch
+        if ok:
+            items = [pickle.loads(blobs[k]) for k in ok]
             per_image = self.analyze(torch.stack([torch.from_numpy(it.prepared.pixels) for it in items]))
-            for k, one in zip(part, per_image):
+            for k, one in zip(ok, per_image):
                 arrays_out[k] = pickle.dumps(one, protocol=5)
             if self.hooks.get("count_dir"):
                 for it in items:
@@ -363,9 +350,6 @@ class _Model:
             "arrays": np.array(arrays_out, dtype=object),
             "meta": np.array([self.meta] * len(errors), dtype=object),
         }
-
-    def _hook(self) -> None:
-        run_test_hooks(self.hooks, self.calls)
 
 
 def run_test_hooks(hooks: dict, calls: int) -> None:

@@ -117,10 +117,7 @@ class _Evaluator:
             items = [pickle.loads(batch["item"][k]) for k in ok]
             pixels = torch.stack([torch.from_numpy(it.prepared.pixels) for it in items]) if items else None
             one = evaluate.Batch(names=[it.stem for it in items], pixels=pixels, ids=[ids[k] for k in ok])
-        if one.names:
-            part = evaluate.evaluate_batch(self.lm, one, self.args, self.rollout_kw, _NoProgress())
-        else:
-            part = evaluate.Part({}, evaluate.Tally())
+        part = evaluate.evaluate_batch(self.lm, one, self.args, self.rollout_kw, _NoProgress())
         part.size = len(ids)
         return {
             "device": np.array([str(self.lm.device)], dtype=object),
@@ -162,9 +159,10 @@ class RayEngine:
         devices = ",".join(sorted(self.devices)) or (self.plan or {}).get("device", "cpu")
         return {"device": devices, **ray_engine.run_precision(self.precision)}
 
-    def start(self, args: argparse.Namespace) -> None:
+    def start(self, args: argparse.Namespace, lm, batch: int) -> None:
         """A local Ray started (or the cluster joined), the actors planned and the run's precision
-        checked against their device, before any file is written."""
+        checked against their device, before any file is written. (No memory check here: the
+        actors load their own model, maybe on other machines.)"""
         ray = self.ray
         t0 = time.monotonic()
         self.ours = ray_engine.start_ray(ray, self.address)
