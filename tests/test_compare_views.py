@@ -55,6 +55,17 @@ DEEP = ViTConfig(
 )
 
 
+# the Download tab's files of the Compare tab
+COMPARE_FILES = {
+    "compare_rollout.png",
+    "compare_grad_rollout.png",
+    "compare_heads.png",
+    "compare_head.png",
+    "compare_distance.png",
+    "compare_position_similarity.png",
+}
+
+
 def save_model(cfg: ViTConfig, folder: Path, seed: int, breakage=None) -> Path:
     m = VisionTransformer(cfg)
     m.init_weights(seed=seed)
@@ -467,14 +478,7 @@ def test_views_equal_the_functions_for_a_shallower_model_on_another_grid(shallow
     other, other_result = captured["got"]
     assert other.config == b.c
     files = captured["files"]
-    assert set(files) == {
-        "compare_rollout.png",
-        "compare_grad_rollout.png",
-        "compare_heads.png",
-        "compare_head.png",
-        "compare_distance.png",
-        "compare_position_similarity.png",
-    }
+    assert set(files) == COMPARE_FILES
     for name, (label, data) in files.items():
         png = np.asarray(Image.open(io.BytesIO(data)))
         assert png.ndim == 3 and max(png.shape[:2]) >= 1024, name
@@ -577,14 +581,7 @@ def test_views_equal_the_functions_for_a_deeper_model_without_class_token(deep, 
     assert "compare_grad_rollout_b" not in arrays and "compare_query_patch_b" not in arrays
     assert arrays["compare_readout_attention_b"].shape == (8, 4, 8, 8)
     np.testing.assert_allclose(arrays["compare_readout_attention_b"][layer_b - 1], maps_b, atol=1e-6)
-    assert set(captured["files"]) == {
-        "compare_rollout.png",
-        "compare_grad_rollout.png",
-        "compare_heads.png",
-        "compare_head.png",
-        "compare_distance.png",
-        "compare_position_similarity.png",
-    }
+    assert set(captured["files"]) == COMPARE_FILES
     # a click on the second grid's third tile shows head 3 large
     from test_probes_app import click, tile_point
 

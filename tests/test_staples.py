@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 from streamlit.testing.v1 import AppTest
+from test_trust import download
 
 from model import Preprocessing, VisionTransformer, ViTConfig, load_checkpoint, load_image, prepare_image
 from model.resources import DEMO_DIR, SCENES_DIR
@@ -343,13 +344,6 @@ def test_rollout_tab_masks_and_motion_frames_match_the_functions():
     assert any("GIF" in b.proto.label for b in at.get("download_button"))
 
 
-def download(at: AppTest, media: dict[str, bytes], label_part: str) -> bytes:
-    for b in at.get("download_button"):
-        if label_part in b.proto.label:
-            return media[b.proto.url.rsplit("/", 1)[-1].split(".")[0]]
-    raise KeyError(label_part)
-
-
 @pytest.mark.app
 def test_download_report_and_files_hold_the_new_views(media):
     at = demo_scene_app()
@@ -359,11 +353,11 @@ def test_download_report_and_files_hold_the_new_views(media):
     open_tab(at, "Rollout")
     at.slider(key="mk_tau").set_value(0.7).run()
     at.radio(key="mo_what").set_value("head").run()
-    rollout_gif = download(at, media, "Animation (GIF)")
+    rollout_gif = download(at, media, "Animation (GIF)", partial=True)
     open_tab(at, "Download")
     lm, fwd, target = demo_forward()
     c = lm.config
-    arrays, meta = report.read_report(download(at, media, "Report (NPZ)"))
+    arrays, meta = report.read_report(download(at, media, "Report (NPZ)", partial=True))
     assert meta["settings"]["mask_tau"] == 0.7
     readout = A.attention_maps(fwd.attentions[0], num_prefix=1, grid=c.grid)
     np.testing.assert_array_equal(arrays["head_masks"], A.mass_threshold_mask(readout, 0.7).numpy())
@@ -384,13 +378,13 @@ def test_download_report_and_files_hold_the_new_views(media):
     labels = [b.proto.label for b in at.get("download_button")]
     for want in ("Layer 5, every head over the image", "Rollout with its mass mask"):
         assert any(want in label for label in labels), (want, labels)
-    gif = download(at, media, "(GIF)")
+    gif = download(at, media, "(GIF)", partial=True)
     assert gif == rollout_gif  # the Download tab writes the Rollout tab's animation (head 2 through the layers)
     im = Image.open(io.BytesIO(gif))
     assert im.n_frames == c.depth
-    mp4 = download(at, media, "(MP4)")
+    mp4 = download(at, media, "(MP4)", partial=True)
     assert mp4[4:8] == b"ftyp"
-    png = download(at, media, "every head over the image")
+    png = download(at, media, "every head over the image", partial=True)
     assert Image.open(io.BytesIO(png)).size[0] >= 1024
 
 
@@ -430,14 +424,14 @@ def test_download_with_a_second_model_holds_the_compare_views(one_layer_model, m
     at.text_input(key="cmp_path").set_value(str(one_layer_model)).run()
     at.button(key="cmp_load").click().run()
     open_tab(at, "Download")
-    arrays, meta = report.read_report(download(at, media, "Report (NPZ)"))
+    arrays, meta = report.read_report(download(at, media, "Report (NPZ)", partial=True))
     other = load_checkpoint(one_layer_model)
     assert arrays["compare_readout_attention_b"].shape == (1, 1, *other.config.grid)
     assert arrays["compare_mean_attention_distance_b"].shape == (1, 1)
     assert list(arrays["compare_layers"]) == [6, 1]  # the last layer of each
     assert set(meta["keys"]) >= {"compare_rollout_b", "compare_grad_class_b"}
     for label in ("Compare: rollouts", "Compare: per-head maps", "Compare: attention distance"):
-        png = download(at, media, label)
+        png = download(at, media, label, partial=True)
         assert Image.open(io.BytesIO(png)).size[0] >= 1024
 
 
@@ -459,7 +453,7 @@ def test_rollout_tab_shows_transformer_attribution(media):
     captions = [i.caption for el in at.get("image") for i in el.proto.imgs]
     assert any(t.startswith(f"For '{lm.labels[2]}'") for t in captions)
     open_tab(at, "Download")
-    arrays, meta = report.read_report(download(at, media, "Report (NPZ)"))
+    arrays, meta = report.read_report(download(at, media, "Report (NPZ)", partial=True))
     assert meta["settings"]["class_method"] == "lrp" and "grad_rollout" not in arrays
     np.testing.assert_allclose(arrays["transformer_attribution"], want, rtol=1e-4, atol=1e-4 * want.max())
     assert int(arrays["grad_class"]) == 2
@@ -548,7 +542,7 @@ def test_every_new_view_draws_each_model_layout(layout, tmp_path, media):
     assert len(plotly_spec(at, "mo_anim")["frames"]) == cfg.depth
     for tab in ("Classes", "Tokens", "Download"):
         open_tab(at, tab)
-    arrays, meta = report.read_report(download(at, media, "Report (NPZ)"))
+    arrays, meta = report.read_report(download(at, media, "Report (NPZ)", partial=True))
     P, N = cfg.num_prefix_tokens, cfg.num_patches
     assert arrays["token_budget"].shape == (cfg.depth, cfg.num_heads, P + 1)
     assert arrays["head_masks"].shape == (cfg.depth, cfg.num_heads, *cfg.grid)

@@ -43,9 +43,10 @@ def small_model(tmp_path_factory) -> Path:
     return folder
 
 
-def download(at: AppTest, media: dict[str, bytes], label: str) -> bytes:
+def download(at: AppTest, media: dict[str, bytes], label: str, *, partial: bool = False) -> bytes:
+    """The bytes of the download button labelled `label` (partial: whose label contains it)."""
     for b in at.get("download_button"):
-        if b.proto.label == label:
+        if (label in b.proto.label) if partial else (b.proto.label == label):
             file_id = b.proto.url.rsplit("/", 1)[-1].split(".")[0]
             return media[file_id]
     raise KeyError(label)
